@@ -1,0 +1,1 @@
+"""The booking domain: availability, slot search, the atomic booking transaction."""

@@ -1,0 +1,270 @@
+"""The `bookdav` command: serve, manage users, migrate the database.
+
+Every command finds its configuration at `--config PATH`, else `$BOOKDAV_CONFIG`, else
+`./config.ini`. Failures a user can fix (a bad setting, a port in use, an unreachable database)
+end with one clear line on stderr and a non-zero exit code, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from bookdav import __version__
+from bookdav.config import ConfigError, Settings, find_config_path, load_settings
+from bookdav.logs import log_event, setup_logging
+from bookdav.storage.db import Database, DatabaseUnavailable, database_for
+from bookdav.storage.users import ROLES, UsernameTaken
+
+log = logging.getLogger("bookdav")
+
+
+class Fatal(Exception):
+    """Stop the command with this one-line message."""
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="config file (default: $BOOKDAV_CONFIG, else ./config.ini)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bookdav", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bookdav {__version__}")
+    _add_config_option(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server (CalDAV, API, pages)")
+    _add_config_option(serve)
+    serve.add_argument("--host", help="listen address (overrides [server] host)")
+    serve.add_argument("--port", help="listen port (overrides [server] port)")
+
+    user = commands.add_parser("user", help="manage accounts")
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    add = user_commands.add_parser("add", help="create an account")
+    _add_config_option(add)
+    add.add_argument("username")
+    add.add_argument("--email", required=True)
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--name", default="")
+    add.add_argument("--timezone", default="UTC", help="IANA zone, e.g. Europe/Berlin")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from stdin (else one is generated and printed)",
+    )
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", help="apply schema migrations")
+    _add_config_option(upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        setup_logging(settings.get("logging", "level"), settings.get("logging", "format"))
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "user":
+            return _user_add(settings, args)
+        if args.command == "db":
+            database = _open_database(settings)
+            _migrate(database)
+            print(f"database is at schema revision {_current_revision(database)}")
+            return 0
+    except (ConfigError, Fatal) as exc:
+        print(f"bookdav: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[tuple[str, str], str] = {}
+    if getattr(args, "host", None):
+        overrides["server", "host"] = args.host
+    if getattr(args, "port", None):
+        overrides["server", "port"] = args.port
+    return load_settings(find_config_path(getattr(args, "config", None)), overrides=overrides)
+
+
+def _display_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _open_database(settings: Settings) -> Database:
+    url = settings.storage_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(str(parsed.database)).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Fatal(f"cannot create the database folder {folder}: {exc.strerror}") from exc
+    try:
+        database = database_for(url)
+        database.ping()
+    except DatabaseUnavailable as exc:
+        raise Fatal(f"cannot reach the database {_display_url(url)}: {exc}") from exc
+    except Exception as exc:  # a malformed URL or a missing driver
+        raise Fatal(f"cannot open the database {_display_url(url)}: {exc}") from exc
+    return database
+
+
+def _migrate(database: Database) -> None:
+    from bookdav.storage import migrate
+
+    try:
+        before, after = migrate.upgrade(database)
+    except Exception as exc:
+        raise Fatal(f"database migration failed: {exc}") from exc
+    if before != after:
+        log_event(log, "database schema migrated", before=before or "empty", after=after)
+
+
+def _current_revision(database: Database) -> str | None:
+    from bookdav.storage import migrate
+
+    return migrate.current_revision(database)
+
+
+def _user_add(settings: Settings, args: argparse.Namespace) -> int:
+    from bookdav.booking.accounts import InvalidAccount, add_user, generate_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise Fatal("--password-stdin: no password on stdin")
+        generated = False
+    else:
+        password, generated = generate_password(), True
+    database = _open_database(settings)
+    _migrate(database)
+    try:
+        user = add_user(
+            database,
+            username=args.username,
+            email=args.email,
+            role=args.role,
+            password=password,
+            name=args.name,
+            timezone=args.timezone,
+        )
+    except InvalidAccount as exc:
+        raise Fatal(str(exc)) from exc
+    except UsernameTaken as exc:
+        raise Fatal(f"username {exc} is taken") from exc
+    print(f"created {user.role} {user.username} (id {user.id})")
+    if generated:
+        print(f"password: {password}")
+    return 0
+
+
+def _bootstrap_admin(database: Database) -> None:
+    """On first start with no users, create `admin` with a random password, shown once."""
+    from bookdav.booking.accounts import add_user, generate_password
+    from bookdav.storage.users import count_users
+
+    with database.read() as conn:
+        if count_users(conn):
+            return
+    password = generate_password()
+    try:
+        add_user(
+            database,
+            username="admin",
+            email="admin@localhost",
+            role="admin",
+            password=password,
+            name="Administrator",
+        )
+    except UsernameTaken:
+        return  # another process sharing the database got there first
+    log_event(
+        log,
+        "admin account created; the password is shown only this once",
+        level=logging.WARNING,
+        username="admin",
+        password=password,
+    )
+
+
+def _serve(settings: Settings) -> int:
+    # Claim the port first: a port in use fails before anything is written to the database.
+    listener = _listen(settings.get("server", "host"), settings.get("server", "port"))
+    database = _open_database(settings)
+    _migrate(database)
+    _bootstrap_admin(database)
+    return asyncio.run(_run_server(settings, listener))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+async def _run_server(settings: Settings, listener: socket.socket) -> int:
+    from aiohttp import web
+
+    from bookdav.server.app import create_app
+
+    actual_port = listener.getsockname()[1]
+    if not settings.get("server", "base_url"):
+        settings = _with_port(settings, actual_port)
+    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, listener).start()
+    host = settings.get("server", "host")
+    base = settings.public_base_url
+    log_event(
+        log,
+        "bookdav is up",
+        version=__version__,
+        listen=f"{host}:{actual_port}",
+        caldav=f"{base}/dav/",
+        api=f"{base}/api/v1/",
+        config=settings.source,
+    )
+    print(
+        f"bookdav {__version__} listening on http://{host}:{actual_port}\n"
+        f"  CalDAV: {base}/dav/\n  API:    {base}/api/v1/",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log_event(log, "shutting down")
+        await runner.cleanup()
+    return 0
+
+
+def _with_port(settings: Settings, port: int) -> Settings:
+    values = {section: dict(options) for section, options in settings.values.items()}
+    values["server"]["port"] = port
+    return Settings(values=values, base_dir=settings.base_dir, source=settings.source)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

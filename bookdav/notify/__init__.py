@@ -1,0 +1,1 @@
+"""Notifications: iMIP invitations over SMTP or into a Maildir, delivered from the outbox."""

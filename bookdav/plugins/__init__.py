@@ -1,0 +1,1 @@
+"""Radicale plugins: thin adapters from Radicale's plugin contracts onto bookdav.storage."""

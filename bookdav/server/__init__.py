@@ -1,0 +1,1 @@
+"""HTTP: the aiohttp app factory, the Radicale mount, the JSON API and the pages."""

@@ -1,0 +1,1 @@
+"""Storage: the SQLAlchemy schema, the database layer, calendar storage and its time index."""

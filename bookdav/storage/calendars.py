@@ -1,0 +1,731 @@
+"""Calendar storage in SQL: collections, items, their change log and the occurrence index.
+
+Units of work as plain functions over a SQLAlchemy `Connection` (the caller holds the transaction
+and, for writes, the principal's lock: `Database.write([owner])`). Collections are addressed by
+their path without slashes (`"alice/appointments"`); the root `""` is implicit and has no row.
+Everything about time is computed when an item is written (`occurrences.item_times`), so reads
+(CalDAV REPORTs, free-busy, the slot engine) are index range scans that never parse iCalendar.
+
+Why the time-range queries stay O(result): an index on `(collection, start)` answers
+`start < qend AND end > qstart` only by scanning every occurrence before `qend`. Occurrences are
+therefore split into short ones (at most `SHORT_OCCURRENCE_SECONDS`, nearly all of them) searched
+with `start >= qstart - SHORT_OCCURRENCE_SECONDS`, and long ones searched with the collection's
+`longest_occurrence_seconds`; both scans touch about what they return.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import vobject
+from sqlalchemy import (
+    Connection,
+    Select,
+    case,
+    delete,
+    insert,
+    literal,
+    or_,
+    select,
+    union,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from bookdav.storage import occurrences as occ
+from bookdav.storage.schema import collections, item_changes, items, occurrences
+
+SHORT_OCCURRENCE_SECONDS = 26 * 3600  # a timed day or an all-day event across a DST change
+SYNC_TOKEN_PREFIX = "http://bookdav.org/ns/sync/"
+_SYNC_TOKEN_RE = re.compile(r"^([0-9a-f]{32})-([0-9]+)$")
+CALENDAR_COMPONENTS = ("VEVENT", "VTODO", "VJOURNAL")
+
+
+class UidConflict(ValueError):
+    """Another item of the collection already has this UID (CalDAV `no-uid-conflict`)."""
+
+
+class InvalidSyncToken(ValueError):
+    """A sync token that is malformed, from another incarnation of the collection, or ahead."""
+
+
+@dataclass(frozen=True)
+class Collection:
+    """A collection row: a principal folder, a calendar (tag VCALENDAR) or an address book."""
+
+    id: int
+    path: str
+    owner: str
+    parent_path: str
+    tag: str
+    props: Mapping[str, str]
+    timezone: str
+    revision: int
+    incarnation: str
+    modified_at: int
+    longest_occurrence_seconds: int
+
+    @property
+    def sync_token(self) -> str:
+        return f"{SYNC_TOKEN_PREFIX}{self.incarnation}-{self.revision}"
+
+    @property
+    def etag(self) -> str:
+        """Quoted; changes whenever anything in the collection does (a CTag)."""
+        return f'"{self.incarnation}-{self.revision}"'
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An item row: one calendar object or vCard with what the index knows about it."""
+
+    id: int
+    collection_id: int
+    href: str
+    uid: str
+    etag: str
+    component: str
+    text: str
+    start_utc: int
+    end_utc: int
+    indexed_until: int | None
+    modified_at: int
+
+
+def owner_of(path: str) -> str:
+    """The principal a path belongs to: its first segment."""
+    return path.strip("/").split("/", 1)[0]
+
+
+def item_etag(text: str) -> str:
+    """An item's quoted ETag, computed as Radicale does, so both agree."""
+    return f'"{hashlib.sha256(text.encode()).hexdigest()}"'
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# --- collections ---------------------------------------------------------------------------------
+
+
+def _collection_from_row(row: object) -> Collection:
+    m = row._mapping  # type: ignore[attr-defined]
+    return Collection(
+        id=m["id"],
+        path=m["path"],
+        owner=m["owner"],
+        parent_path=m["parent_path"],
+        tag=m["tag"],
+        props=json.loads(m["props"]),
+        timezone=m["timezone"],
+        revision=m["revision"],
+        incarnation=m["incarnation"],
+        modified_at=m["modified_at"],
+        longest_occurrence_seconds=m["longest_occurrence_seconds"],
+    )
+
+
+def get_collection(conn: Connection, path: str) -> Collection | None:
+    """The collection at `path` (no leading/trailing slash), or None."""
+    row = conn.execute(select(collections).where(collections.c.path == path)).first()
+    return _collection_from_row(row) if row else None
+
+
+def get_collection_by_id(conn: Connection, collection_id: int) -> Collection | None:
+    row = conn.execute(select(collections).where(collections.c.id == collection_id)).first()
+    return _collection_from_row(row) if row else None
+
+
+def child_collections(conn: Connection, path: str) -> list[Collection]:
+    """The collections directly inside `path` (`""` for the top-level principals)."""
+    rows = conn.execute(
+        select(collections).where(collections.c.parent_path == path).order_by(collections.c.path)
+    )
+    return [_collection_from_row(row) for row in rows]
+
+
+def zone_from_props(props: Mapping[str, str]) -> str | None:
+    """The IANA zone named by a `C:calendar-timezone` VTIMEZONE's TZID, if it is one we know."""
+    vtimezone = props.get("C:calendar-timezone")
+    if not vtimezone:
+        return None
+    match = re.search(r"^TZID:(.+?)\r?$", vtimezone, re.MULTILINE)
+    if not match:
+        return None
+    name = match.group(1).strip()
+    return name if occ.zone_named(name) is not dt.UTC or name == "UTC" else None
+
+
+def create_collection(
+    conn: Connection,
+    path: str,
+    props: Mapping[str, str] | None = None,
+    *,
+    owner: str | None = None,
+    timezone: str | None = None,
+    now: int | None = None,
+) -> Collection:
+    """Create the collection at `path`, as Radicale's `create_collection` contract says.
+
+    `path` has no leading or trailing slash: `"alice"` is a principal's folder,
+    `"alice/appointments"` a calendar inside it. `props` are Radicale's collection properties;
+    `props["tag"]` makes it a calendar (`"VCALENDAR"`) or address book (`"VADDRESSBOOK"`), e.g.
+    `{"tag": "VCALENDAR", "D:displayname": "Appointments",
+    "C:supported-calendar-component-set": "VEVENT"}`.
+
+    With no props, an existing collection is returned unchanged (idempotent). With props, an
+    existing collection is replaced: its items and sub-collections are dropped and it gets a new
+    incarnation, so old sync tokens stop working. Missing parent folders are created empty.
+    `owner` defaults to the first path segment; `timezone` (IANA name, for floating and all-day
+    times) defaults to the TZID of `props["C:calendar-timezone"]`, else UTC.
+    """
+    now = _now() if now is None else now
+    existing = get_collection(conn, path)
+    if existing is not None and not props:
+        return existing
+    if existing is not None:
+        delete_collection(conn, path)
+    parent_path = path.rpartition("/")[0]
+    if parent_path and get_collection(conn, parent_path) is None:
+        create_collection(conn, parent_path, owner=owner, now=now)
+    props = dict(props or {})
+    values = {
+        "path": path,
+        "owner": owner or owner_of(path),
+        "parent_path": parent_path,
+        "tag": props.get("tag", ""),
+        "props": json.dumps(props, sort_keys=True),
+        "timezone": timezone or zone_from_props(props) or "UTC",
+        "revision": 0,
+        "incarnation": secrets.token_hex(16),
+        "modified_at": now,
+        "longest_occurrence_seconds": 0,
+    }
+    new_id = conn.execute(insert(collections).values(values)).inserted_primary_key[0]
+    return Collection(id=new_id, **{**values, "props": props})  # type: ignore[arg-type]
+
+
+def delete_collection(conn: Connection, path: str) -> None:
+    """Delete the collection at `path` with everything inside it (items, sub-collections)."""
+    doomed = or_(
+        collections.c.path == path, collections.c.path.startswith(path + "/", autoescape=True)
+    )
+    ids = select(collections.c.id).where(doomed).scalar_subquery()
+    # Explicit deletes instead of relying on ON DELETE CASCADE: occurrences carry no FK to
+    # collections, and SQLite enforces FKs only with the pragma on.
+    conn.execute(delete(occurrences).where(occurrences.c.collection_id.in_(ids)))
+    conn.execute(delete(item_changes).where(item_changes.c.collection_id.in_(ids)))
+    conn.execute(delete(items).where(items.c.collection_id.in_(ids)))
+    conn.execute(delete(collections).where(doomed))
+
+
+def set_props(
+    conn: Connection, collection: Collection, props: Mapping[str, str], *, now: int | None = None
+) -> Collection:
+    """Replace a collection's properties (the tag included, as Radicale's `set_meta` does).
+
+    A changed `C:calendar-timezone` moves floating and all-day times, so the collection's items
+    are re-indexed in the new zone.
+    """
+    props = dict(props)
+    timezone = zone_from_props(props) or collection.timezone
+    revision = _bump_revision(conn, collection.id, now=now, tag=props.get("tag", ""), props=props)
+    conn.execute(
+        update(collections).where(collections.c.id == collection.id).values(timezone=timezone)
+    )
+    updated = replace(
+        collection, props=props, tag=props.get("tag", ""), timezone=timezone, revision=revision
+    )
+    if timezone != collection.timezone:
+        reindex_items(conn, updated, now=now)
+    return updated
+
+
+def _bump_revision(
+    conn: Connection,
+    collection_id: int,
+    *,
+    now: int | None,
+    longest_seconds: int = 0,
+    **values: object,
+) -> int:
+    """Raise the collection's revision (its CTag and sync token) and return the new one."""
+    longest = collections.c.longest_occurrence_seconds
+    statement = (
+        update(collections)
+        .where(collections.c.id == collection_id)
+        .values(
+            revision=collections.c.revision + 1,
+            modified_at=_now() if now is None else now,
+            longest_occurrence_seconds=case(
+                (longest < longest_seconds, literal(longest_seconds)), else_=longest
+            ),
+            **{
+                key: json.dumps(value, sort_keys=True) if key == "props" else value
+                for key, value in values.items()
+            },
+        )
+        .returning(collections.c.revision)
+    )
+    return conn.execute(statement).scalar_one()
+
+
+# --- items ---------------------------------------------------------------------------------------
+
+_ITEM_COLUMNS = (
+    items.c.id,
+    items.c.collection_id,
+    items.c.href,
+    items.c.uid,
+    items.c.etag,
+    items.c.component,
+    items.c.text,
+    items.c.start_utc,
+    items.c.end_utc,
+    items.c.indexed_until,
+    items.c.modified_at,
+)
+
+
+def _item_from_row(row: object) -> StoredItem:
+    return StoredItem(*row)  # type: ignore[misc]
+
+
+def get_items(conn: Connection, collection_id: int, hrefs: Iterable[str]) -> dict[str, StoredItem]:
+    """The items with these hrefs (missing ones are simply absent), by href."""
+    wanted = list(dict.fromkeys(hrefs))
+    found: dict[str, StoredItem] = {}
+    for start in range(0, len(wanted), 500):  # stay under bound-parameter limits
+        rows = conn.execute(
+            select(*_ITEM_COLUMNS).where(
+                items.c.collection_id == collection_id,
+                items.c.href.in_(wanted[start : start + 500]),
+            )
+        )
+        found.update((row.href, _item_from_row(row)) for row in rows)
+    return found
+
+
+def get_item(conn: Connection, collection_id: int, href: str) -> StoredItem | None:
+    return get_items(conn, collection_id, [href]).get(href)
+
+
+def all_items(conn: Connection, collection_id: int) -> list[StoredItem]:
+    """Every item of the collection, by href."""
+    rows = conn.execute(
+        select(*_ITEM_COLUMNS).where(items.c.collection_id == collection_id).order_by(items.c.href)
+    )
+    return [_item_from_row(row) for row in rows]
+
+
+def has_uid(
+    conn: Connection, collection_id: int, uid: str, *, except_href: str | None = None
+) -> bool:
+    """Whether an item of the collection (other than `except_href`) has this UID."""
+    query = select(items.c.id).where(items.c.collection_id == collection_id, items.c.uid == uid)
+    if except_href is not None:
+        query = query.where(items.c.href != except_href)
+    return conn.execute(query.limit(1)).first() is not None
+
+
+def put_item(
+    conn: Connection,
+    collection: Collection,
+    href: str,
+    text: str,
+    *,
+    calendar: vobject.base.Component | None = None,
+    uid: str | None = None,
+    etag: str | None = None,
+    now: int | None = None,
+) -> tuple[StoredItem, StoredItem | None]:
+    """Insert or replace the item at `href`; return it and the item it replaced, if any.
+
+    `text` is the stored iCalendar/vCard text; pass its parsed vobject `calendar` when you have it
+    (saves a parse). Indexes its occurrences, raises the collection's revision and records the
+    change for sync-collection. Raises `UidConflict` if another href holds the same UID.
+    """
+    now = _now() if now is None else now
+    if calendar is None:
+        calendar = vobject.readOne(text)
+    uid = _uid_of(calendar) if uid is None else uid
+    if uid and has_uid(conn, collection.id, uid, except_href=href):
+        raise UidConflict(f"UID {uid!r} already exists in {collection.path!r}")
+    times = _times_of(calendar, collection, now)
+    replaced = get_item(conn, collection.id, href)
+    values = {
+        "collection_id": collection.id,
+        "href": href,
+        "uid": uid,
+        "etag": etag or item_etag(text),
+        "component": times.component,
+        "text": text,
+        "start_utc": times.start_utc,
+        "end_utc": times.end_utc,
+        "recurring": times.recurring,
+        "indexed_until": times.indexed_until,
+        "modified_at": now,
+    }
+    if replaced is None:
+        item_id = conn.execute(insert(items).values(values)).inserted_primary_key[0]
+    else:
+        item_id = replaced.id
+        conn.execute(update(items).where(items.c.id == item_id).values(values))
+        conn.execute(delete(occurrences).where(occurrences.c.item_id == item_id))
+    longest = _insert_occurrences(conn, collection.id, item_id, times.occurrences)
+    _record_change(conn, collection.id, href, now=now, longest_seconds=longest)
+    stored = StoredItem(
+        id=item_id,
+        **{k: v for k, v in values.items() if k != "recurring"},  # type: ignore[arg-type]
+    )
+    return stored, replaced
+
+
+def delete_item(
+    conn: Connection, collection: Collection, href: str, *, now: int | None = None
+) -> bool:
+    """Delete the item at `href` and record the deletion for sync; False if there was none."""
+    item_id = conn.execute(
+        select(items.c.id).where(items.c.collection_id == collection.id, items.c.href == href)
+    ).scalar()
+    if item_id is None:
+        return False
+    conn.execute(delete(occurrences).where(occurrences.c.item_id == item_id))
+    conn.execute(delete(items).where(items.c.id == item_id))
+    _record_change(conn, collection.id, href, now=now)
+    return True
+
+
+def move_item(
+    conn: Connection,
+    source: Collection,
+    href: str,
+    target: Collection,
+    target_href: str,
+    *,
+    now: int | None = None,
+) -> StoredItem:
+    """Move an item (replacing whatever is at `target_href`), re-indexed in the target's zone."""
+    item = get_item(conn, source.id, href)
+    if item is None:
+        raise KeyError(href)
+    delete_item(conn, source, href, now=now)
+    if target.id == source.id:
+        target = get_collection_by_id(conn, target.id) or target
+    stored, _ = put_item(
+        conn, target, target_href, item.text, uid=item.uid, etag=item.etag, now=now
+    )
+    return stored
+
+
+def reindex_items(
+    conn: Connection,
+    collection: Collection,
+    *,
+    indexed_before: int | None = None,
+    now: int | None = None,
+) -> int:
+    """Recompute the occurrences of the collection's items (all of them, or only those indexed up
+    to before `indexed_before`, to roll the horizon forward); returns how many were redone.
+
+    A background job calls it with `indexed_before = now + horizon / 2` now and then, so open
+    RRULEs stay indexed ahead of time. Does not change the revision: the data did not change.
+    """
+    now = _now() if now is None else now
+    query = select(items.c.id, items.c.text).where(items.c.collection_id == collection.id)
+    if indexed_before is not None:
+        query = query.where(items.c.indexed_until < indexed_before)
+    count = 0
+    longest = 0
+    for item_id, text in conn.execute(query).all():
+        times = _times_of(vobject.readOne(text), collection, now)
+        conn.execute(
+            update(items)
+            .where(items.c.id == item_id)
+            .values(
+                start_utc=times.start_utc,
+                end_utc=times.end_utc,
+                indexed_until=times.indexed_until,
+            )
+        )
+        conn.execute(delete(occurrences).where(occurrences.c.item_id == item_id))
+        longest = max(longest, _insert_occurrences(conn, collection.id, item_id, times.occurrences))
+        count += 1
+    if longest > collection.longest_occurrence_seconds:
+        conn.execute(
+            update(collections)
+            .where(collections.c.id == collection.id)
+            .values(longest_occurrence_seconds=longest)
+        )
+    return count
+
+
+def _uid_of(calendar: vobject.base.Component) -> str:
+    if calendar.name == "VCARD":
+        lines = calendar.contents.get("uid")
+        return (lines[0].value or "") if lines else ""
+    for component in calendar.getChildren():
+        if component.name in CALENDAR_COMPONENTS and "uid" in component.contents:
+            return component.uid.value or ""
+    return ""
+
+
+def _times_of(calendar: vobject.base.Component, collection: Collection, now: int) -> occ.ItemTimes:
+    if collection.tag != "VCALENDAR":
+        return occ.ItemTimes("", occ.TIMESTAMP_MIN, occ.TIMESTAMP_MAX, (), False, None)
+    return occ.item_times(calendar, occ.zone_named(collection.timezone), now + occ.HORIZON_SECONDS)
+
+
+def _insert_occurrences(
+    conn: Connection, collection_id: int, item_id: int, found: Sequence[occ.Occurrence]
+) -> int:
+    """Store an item's occurrences; return the longest long one's length (0 if none)."""
+    if not found:
+        return 0
+    rows = [
+        {
+            "item_id": item_id,
+            "collection_id": collection_id,
+            "start_utc": o.start_utc,
+            "end_utc": o.end_utc,
+            "busy": o.busy,
+            "long_span": o.end_utc - o.start_utc > SHORT_OCCURRENCE_SECONDS,
+        }
+        for o in found
+    ]
+    conn.execute(insert(occurrences), rows)
+    return max((r["end_utc"] - r["start_utc"] for r in rows if r["long_span"]), default=0)
+
+
+def _record_change(
+    conn: Connection, collection_id: int, href: str, *, now: int | None, longest_seconds: int = 0
+) -> int:
+    revision = _bump_revision(conn, collection_id, now=now, longest_seconds=longest_seconds)
+    values = {"collection_id": collection_id, "href": href, "revision": revision}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(item_changes).values(values)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[item_changes.c.collection_id, item_changes.c.href],
+            set_={"revision": revision},
+        )
+    )
+    return revision
+
+
+# --- sync-collection -----------------------------------------------------------------------------
+
+
+def changes_since(
+    conn: Connection, collection: Collection, old_token: str = ""
+) -> tuple[str, list[str]]:
+    """RFC 6578: the current sync token and the hrefs changed or deleted since `old_token`
+    (every current href for an empty token). Raises `InvalidSyncToken` for a malformed token, one
+    from another incarnation of the collection, or one ahead of it."""
+    current = get_collection_by_id(conn, collection.id) or collection
+    if not old_token:
+        hrefs = conn.execute(
+            select(items.c.href).where(items.c.collection_id == current.id).order_by(items.c.href)
+        ).scalars()
+        return current.sync_token, list(hrefs)
+    old_revision = _revision_in_token(old_token, current)
+    hrefs = conn.execute(
+        select(item_changes.c.href)
+        .where(
+            item_changes.c.collection_id == current.id,
+            item_changes.c.revision > old_revision,
+        )
+        .order_by(item_changes.c.revision)
+    ).scalars()
+    return current.sync_token, list(hrefs)
+
+
+def _revision_in_token(token: str, collection: Collection) -> int:
+    if not token.startswith(SYNC_TOKEN_PREFIX):
+        raise InvalidSyncToken(f"not a bookdav sync token: {token!r}")
+    match = _SYNC_TOKEN_RE.match(token[len(SYNC_TOKEN_PREFIX) :])
+    if not match:
+        raise InvalidSyncToken(f"malformed sync token: {token!r}")
+    incarnation, revision = match.group(1), int(match.group(2))
+    if incarnation != collection.incarnation:
+        raise InvalidSyncToken("sync token of another incarnation of this collection")
+    if revision > collection.revision:
+        raise InvalidSyncToken("sync token ahead of the collection")
+    return revision
+
+
+# --- time ranges ---------------------------------------------------------------------------------
+
+
+def _overlapping_occurrences(
+    collection: Collection, start_utc: int, end_utc: int
+) -> Select[tuple[int]]:
+    """Item ids with an occurrence overlapping `[start_utc, end_utc)`, by two bounded scans."""
+
+    def scan(long_span: bool, longest: int) -> Select[tuple[int]]:
+        return select(occurrences.c.item_id).where(
+            occurrences.c.collection_id == collection.id,
+            occurrences.c.long_span == long_span,
+            occurrences.c.start_utc >= start_utc - longest,
+            occurrences.c.start_utc < end_utc,
+            occurrences.c.end_utc > start_utc,
+        )
+
+    short = scan(False, SHORT_OCCURRENCE_SECONDS)
+    if collection.longest_occurrence_seconds == 0:
+        return short
+    return union(short, scan(True, collection.longest_occurrence_seconds))  # type: ignore[return-value]
+
+
+def items_in_range(
+    conn: Connection,
+    collection: Collection,
+    start_utc: int,
+    end_utc: int,
+    component: str | None = None,
+) -> list[tuple[StoredItem, bool]]:
+    """Items that may overlap `[start_utc, end_utc)`, each with whether that is certain.
+
+    `component` limits the answer to VEVENT, VTODO or VJOURNAL items (None: any). Certain (True)
+    means an indexed VEVENT occurrence overlaps the range. Uncertain (False) are the candidates a
+    caller must test itself: VEVENTs not indexed up to `end_utc` (open RRULEs past the horizon),
+    and VTODO/VJOURNAL, whose CalDAV time-range rules are richer than one interval.
+    """
+    whole_time = start_utc <= occ.TIMESTAMP_MIN and end_utc >= occ.TIMESTAMP_MAX
+    if whole_time:
+        query = select(*_ITEM_COLUMNS).where(items.c.collection_id == collection.id)
+        if component is not None:
+            query = query.where(items.c.component == component)
+        return [(_item_from_row(row), True) for row in conn.execute(query)]
+    found: list[tuple[StoredItem, bool]] = []
+    if component in (None, "VEVENT"):
+        found.extend(_events_in_range(conn, collection, start_utc, end_utc))
+    others = [c for c in ("VTODO", "VJOURNAL") if component in (None, c)]
+    if others:
+        rows = conn.execute(
+            select(*_ITEM_COLUMNS).where(
+                items.c.collection_id == collection.id,
+                items.c.component.in_(others),
+                items.c.start_utc < end_utc,
+                items.c.end_utc > start_utc,
+            )
+        )
+        found.extend((_item_from_row(row), False) for row in rows)
+    return found
+
+
+def _events_in_range(
+    conn: Connection, collection: Collection, start_utc: int, end_utc: int
+) -> list[tuple[StoredItem, bool]]:
+    matched_ids = _overlapping_occurrences(collection, start_utc, end_utc).subquery()
+    matched = conn.execute(
+        select(*_ITEM_COLUMNS).where(items.c.id.in_(select(matched_ids.c.item_id)))
+    ).all()
+    found = [(_item_from_row(row), True) for row in matched]
+    seen = {item.id for item, _ in found}
+    unindexed = conn.execute(
+        select(*_ITEM_COLUMNS).where(
+            items.c.collection_id == collection.id,
+            items.c.indexed_until < end_utc,
+            items.c.component == "VEVENT",
+        )
+    )
+    found.extend((_item_from_row(row), False) for row in unindexed if row.id not in seen)
+    return found
+
+
+def busy_intervals(
+    conn: Connection, collection_ids: Iterable[int], start_utc: int, end_utc: int
+) -> list[tuple[int, int]]:
+    """Busy time `(start_utc, end_utc)` overlapping the window in these collections, sorted by
+    start, neither merged nor clipped. Open RRULEs past their indexed horizon are expanded here."""
+    intervals: list[tuple[int, int]] = []
+    for collection_id in dict.fromkeys(collection_ids):
+        collection = get_collection_by_id(conn, collection_id)
+        if collection is None:
+            continue
+        intervals.extend(_indexed_busy(conn, collection, start_utc, end_utc))
+        intervals.extend(_unindexed_busy(conn, collection, start_utc, end_utc))
+    intervals.sort()
+    return intervals
+
+
+def _indexed_busy(
+    conn: Connection, collection: Collection, start_utc: int, end_utc: int
+) -> list[tuple[int, int]]:
+    intervals: list[tuple[int, int]] = []
+    bounds = [(False, SHORT_OCCURRENCE_SECONDS)]
+    if collection.longest_occurrence_seconds:
+        bounds.append((True, collection.longest_occurrence_seconds))
+    for long_span, longest in bounds:
+        rows = conn.execute(
+            select(occurrences.c.start_utc, occurrences.c.end_utc).where(
+                occurrences.c.collection_id == collection.id,
+                occurrences.c.long_span == long_span,
+                occurrences.c.start_utc >= start_utc - longest,
+                occurrences.c.start_utc < end_utc,
+                occurrences.c.end_utc > start_utc,
+                occurrences.c.busy == True,  # noqa: E712 (SQL expression)
+            )
+        )
+        intervals.extend((row.start_utc, row.end_utc) for row in rows)
+    return intervals
+
+
+def _unindexed_busy(
+    conn: Connection, collection: Collection, start_utc: int, end_utc: int
+) -> list[tuple[int, int]]:
+    """Busy instances of items whose index stops before `end_utc`, beyond what is indexed."""
+    rows = conn.execute(
+        select(items.c.text, items.c.indexed_until).where(
+            items.c.collection_id == collection.id,
+            items.c.indexed_until < end_utc,
+            items.c.component == "VEVENT",
+        )
+    ).all()
+    zone = occ.zone_named(collection.timezone)
+    intervals = []
+    for text, indexed_until in rows:
+        for o in occ.occurrences_between(text, zone, start_utc, end_utc):
+            # Instances starting before indexed_until came from the index already.
+            if o.busy and o.start_utc >= indexed_until:
+                intervals.append((o.start_utc, o.end_utc))
+    return intervals
+
+
+__all__ = [
+    "CALENDAR_COMPONENTS",
+    "SHORT_OCCURRENCE_SECONDS",
+    "Collection",
+    "InvalidSyncToken",
+    "StoredItem",
+    "UidConflict",
+    "all_items",
+    "busy_intervals",
+    "changes_since",
+    "child_collections",
+    "create_collection",
+    "delete_collection",
+    "delete_item",
+    "get_collection",
+    "get_collection_by_id",
+    "get_item",
+    "get_items",
+    "has_uid",
+    "item_etag",
+    "items_in_range",
+    "move_item",
+    "owner_of",
+    "put_item",
+    "reindex_items",
+    "set_props",
+    "zone_from_props",
+]

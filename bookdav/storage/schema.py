@@ -1,0 +1,176 @@
+"""The one SQLAlchemy `MetaData`: every table bookdav stores, declared once.
+
+Instants are integer seconds since the epoch, UTC (fast, indexable, the same on SQLite and
+PostgreSQL); the IANA zone a time was given in is stored beside it where it matters.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("email", String(320), nullable=False),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("role", String(16), nullable=False),
+    Column("timezone", String(64), nullable=False, server_default="UTC"),
+    Column("password_hash", Text, nullable=False),
+    Column("status", String(16), nullable=False, server_default="active"),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Calendar storage (Radicale's collections and items). A collection's `revision` rises on every
+# change; `item_changes` keeps the revision at which each href last changed (deletions included),
+# which is what RFC 6578 sync-collection reports.
+collections = Table(
+    "collections",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path", String(1024), nullable=False, unique=True),
+    Column("owner", String(64), nullable=False, index=True),
+    Column("parent_path", String(1024), nullable=False, index=True),
+    Column("tag", String(16), nullable=False, server_default=""),
+    Column("props", Text, nullable=False, server_default="{}"),
+    Column("timezone", String(64), nullable=False, server_default="UTC"),
+    Column("revision", BigInteger, nullable=False, server_default="0"),
+    # A new incarnation (random) each time a path is created, so an old sync token of a deleted and
+    # re-created collection is rejected instead of silently matching.
+    Column("incarnation", String(32), nullable=False),
+    Column("modified_at", BigInteger, nullable=False),
+    # The longest "long" occurrence ever indexed here (seconds; only grows): bounds how far before a
+    # query's start a long occurrence may begin, so range scans stay O(result).
+    Column("longest_occurrence_seconds", BigInteger, nullable=False, server_default="0"),
+)
+
+items = Table(
+    "items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "collection_id",
+        Integer,
+        ForeignKey("collections.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("href", String(1024), nullable=False),
+    Column("uid", String(1024), nullable=False),
+    Column("etag", String(80), nullable=False),
+    Column("component", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    # The item's whole time range (Radicale's `item.time_range`); end is far future for open RRULEs.
+    Column("start_utc", BigInteger, nullable=False),
+    Column("end_utc", BigInteger, nullable=False),
+    Column("recurring", Boolean, nullable=False, server_default="0"),
+    # For recurring items: occurrences are indexed up to here (seconds UTC); beyond it, ask the item.
+    Column("indexed_until", BigInteger, nullable=True),
+    Column("modified_at", BigInteger, nullable=False),
+    UniqueConstraint("collection_id", "href", name="uq_items_collection_href"),
+)
+Index("ix_items_collection_uid", items.c.collection_id, items.c.uid)
+Index("ix_items_collection_range", items.c.collection_id, items.c.start_utc, items.c.end_utc)
+# Finds the items whose occurrences are not all indexed before a query's end (open RRULEs).
+Index("ix_items_collection_indexed_until", items.c.collection_id, items.c.indexed_until)
+
+item_changes = Table(
+    "item_changes",
+    metadata,
+    Column(
+        "collection_id",
+        Integer,
+        ForeignKey("collections.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("href", String(1024), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)
+Index("ix_item_changes_revision", item_changes.c.collection_id, item_changes.c.revision)
+
+# One row per occurrence interval of every VEVENT: the time-range index that calendar queries,
+# free-busy and the slot engine read. `busy` is false for TRANSP:TRANSPARENT, STATUS:CANCELLED and
+# zero-length occurrences, which never block time. `long_span` marks occurrences longer than
+# `calendars.SHORT_OCCURRENCE_SECONDS`: short ones are found with `start >= qstart - that bound`,
+# long ones (few) with the collection's `longest_occurrence_seconds`, so both scans are bounded.
+occurrences = Table(
+    "occurrences",
+    metadata,
+    Column("item_id", Integer, ForeignKey("items.id", ondelete="CASCADE"), nullable=False),
+    Column("collection_id", Integer, nullable=False),
+    Column("start_utc", BigInteger, nullable=False),
+    Column("end_utc", BigInteger, nullable=False),
+    Column("busy", Boolean, nullable=False, server_default="1"),
+    Column("long_span", Boolean, nullable=False, server_default="0"),
+)
+Index(
+    "ix_occurrences_range",
+    occurrences.c.collection_id,
+    occurrences.c.long_span,
+    occurrences.c.start_utc,
+)
+Index("ix_occurrences_item", occurrences.c.item_id)
+
+# API bearer tokens: only a SHA-256 of the secret is kept (the secret is 256 random bits, so a
+# slow hash buys nothing); revoked tokens stay for the record.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+Index("ix_api_tokens_user", api_tokens.c.user_id)
+
+# Services a client can book. Deleting one hides it (deleted_at) so past appointments keep it.
+services = Table(
+    "services",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("slug", String(80), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("duration_minutes", Integer, nullable=False),
+    Column("price_amount", String(32), nullable=False, server_default="0"),
+    Column("price_currency", String(3), nullable=False, server_default="EUR"),
+    # Business rules as JSON (camelCase keys of the API): notice, advance, buffers, interval, ...
+    Column("rules", Text, nullable=False, server_default="{}"),
+    Column("created_by", String(36), ForeignKey("users.id"), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=True),
+)
+
+service_providers = Table(
+    "service_providers",
+    metadata,
+    Column(
+        "service_id", String(36), ForeignKey("services.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("provider_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+Index("ix_service_providers_provider", service_providers.c.provider_id)

@@ -1,0 +1,1 @@
+"""External calendars: CalDAV accounts and ICS feeds mirrored as busy time."""
