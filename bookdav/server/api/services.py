@@ -1,0 +1,186 @@
+"""`/api/v1/services`: what clients can book, with duration, price and business rules."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from bookdav.booking.errors import Forbidden, InvalidInput, NotFound
+from bookdav.booking.services import RULE_FIELDS, rules_from_json, rules_json, slug_for
+from bookdav.server.api import validation as v
+from bookdav.server.auth import require_user
+from bookdav.server.keys import DATABASE
+from bookdav.storage import services as store
+from bookdav.storage.users import User
+
+routes = web.RouteTableDef()
+
+AMOUNT_PATTERN = re.compile(r"^\d{1,12}(\.\d{1,4})?$")
+CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
+MAX_DURATION_MINUTES = 24 * 60
+
+
+def service_json(service: store.ServiceRecord) -> dict[str, Any]:
+    return {
+        "serviceId": service.id,
+        "slug": service.slug,
+        "name": service.name,
+        "description": service.description,
+        "duration": service.duration_minutes,
+        "price": {"amount": service.price_amount, "currency": service.price_currency},
+        "providerIds": list(service.provider_ids),
+        "resources": [],
+        "rules": rules_json(rules_from_json(service.rules)),
+    }
+
+
+def _price(body: dict[str, Any]) -> tuple[str, str]:
+    price = v.object_field(body, "price", required=False)
+    amount = price.get("amount", "0")
+    if not isinstance(amount, str) or not AMOUNT_PATTERN.match(amount):
+        raise InvalidInput("price.amount", 'must be a decimal string such as "49.00"')
+    currency = price.get("currency", "EUR")
+    if not isinstance(currency, str) or not CURRENCY_PATTERN.match(currency):
+        raise InvalidInput("price.currency", "must be an ISO 4217 code such as EUR")
+    return amount, currency
+
+
+def _rules(body: dict[str, Any]) -> dict[str, Any]:
+    raw = v.object_field(body, "rules", required=False)
+    unknown = sorted(set(raw) - set(RULE_FIELDS))
+    if unknown:
+        raise InvalidInput(f"rules.{unknown[0]}", "is not a known rule")
+    rules: dict[str, Any] = {}
+    for name, value in raw.items():
+        _, minimum, maximum = RULE_FIELDS[name]
+        if value is None and name == "slotIntervalMinutes":
+            rules[name] = None
+            continue
+        rules[name] = v.integer(value, f"rules.{name}", minimum=minimum, maximum=maximum)
+    return rules
+
+
+def _no_resources(body: dict[str, Any]) -> None:
+    if v.string_list(body, "resources", required=False):
+        raise InvalidInput("resources", "no resource with these ids exists")
+
+
+async def _provider_ids(request: web.Request, actor: User, body: dict[str, Any]) -> list[str]:
+    """The providers of a service: a provider offers its own; an admin names providers."""
+    given = v.string_list(body, "providerIds", required=False)
+    if actor.role == "provider":
+        if given and given != [actor.id]:
+            raise Forbidden("a provider may only offer services under their own providerId")
+        return [actor.id]
+    if not given:
+        raise InvalidInput("providerIds", "name at least one provider")
+    roles = await request.app[DATABASE].run_read(store.provider_roles, given)
+    for provider_id in given:
+        if roles.get(provider_id) != "provider":
+            raise InvalidInput("providerIds", f"{provider_id} is not a provider")
+    return given
+
+
+async def _editable_service(request: web.Request) -> tuple[User, store.ServiceRecord]:
+    actor = await require_user(request, "provider", "admin")
+    service = await request.app[DATABASE].run_read(
+        store.get_service, request.match_info["serviceId"]
+    )
+    if service is None:
+        raise NotFound(f"no service {request.match_info['serviceId']}")
+    if actor.role != "admin" and actor.id not in service.provider_ids:
+        raise Forbidden("you may only change services you offer")
+    return actor, service
+
+
+@routes.post("/api/v1/services")
+async def create_service(request: web.Request) -> web.Response:
+    actor = await require_user(request, "provider", "admin")
+    body = await v.json_object(request)
+    name = v.text(body, "name", min_length=1)
+    description = v.text(body, "description", required=False, max_length=5000)
+    if "duration" not in body:
+        raise InvalidInput("duration", "is required")
+    duration = v.integer(body["duration"], "duration", minimum=5, maximum=MAX_DURATION_MINUTES)
+    amount, currency = _price(body)
+    rules = _rules(body)
+    _no_resources(body)
+    provider_ids = await _provider_ids(request, actor, body)
+    service = await request.app[DATABASE].run_write(
+        lambda conn: store.insert_service(
+            conn,
+            slug=slug_for(name),
+            name=name,
+            description=description,
+            duration_minutes=duration,
+            price_amount=amount,
+            price_currency=currency,
+            rules=rules,
+            created_by=actor.id,
+            provider_ids=provider_ids,
+        )
+    )
+    return web.json_response(
+        service_json(service), status=201, headers={"Location": f"/api/v1/services/{service.id}"}
+    )
+
+
+@routes.get("/api/v1/services")
+async def list_services(request: web.Request) -> web.Response:
+    limit = v.query_int(request, "limit", default=50, minimum=1, maximum=200)
+    found = await request.app[DATABASE].run_read(
+        lambda conn: store.list_services(
+            conn,
+            provider_id=request.query.get("providerId"),
+            after_id=request.query.get("cursor") or None,
+            limit=limit + 1,
+        )
+    )
+    page = found[:limit]
+    next_cursor = page[-1].id if len(found) > limit else None
+    return web.json_response({"items": [service_json(s) for s in page], "nextCursor": next_cursor})
+
+
+@routes.get("/api/v1/services/{serviceId}")
+async def get_service(request: web.Request) -> web.Response:
+    service = await request.app[DATABASE].run_read(
+        store.get_service, request.match_info["serviceId"]
+    )
+    if service is None:
+        raise NotFound(f"no service {request.match_info['serviceId']}")
+    return web.json_response(service_json(service))
+
+
+@routes.put("/api/v1/services/{serviceId}")
+async def put_service(request: web.Request) -> web.Response:
+    actor, service = await _editable_service(request)
+    body = await v.json_object(request)
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        changes["name"] = v.text(body, "name", min_length=1)
+    if "description" in body:
+        changes["description"] = v.text(body, "description", max_length=5000)
+    if "duration" in body:
+        changes["duration_minutes"] = v.integer(
+            body["duration"], "duration", minimum=5, maximum=MAX_DURATION_MINUTES
+        )
+    if "price" in body:
+        changes["price_amount"], changes["price_currency"] = _price(body)
+    if "rules" in body:
+        changes["rules"] = {**service.rules, **_rules(body)}
+    _no_resources(body)
+    provider_ids = await _provider_ids(request, actor, body) if "providerIds" in body else None
+    updated = await request.app[DATABASE].run_write(
+        store.update_service, service.id, provider_ids, **changes
+    )
+    assert updated is not None
+    return web.json_response(service_json(updated))
+
+
+@routes.delete("/api/v1/services/{serviceId}")
+async def delete_service(request: web.Request) -> web.Response:
+    _, service = await _editable_service(request)
+    await request.app[DATABASE].run_write(store.delete_service, service.id)
+    return web.Response(status=204)

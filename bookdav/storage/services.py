@@ -1,0 +1,160 @@
+"""The services table and which providers offer each service."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from bookdav.storage.schema import service_providers, services, users
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    id: str
+    slug: str
+    name: str
+    description: str
+    duration_minutes: int
+    price_amount: str
+    price_currency: str
+    rules: dict[str, Any]
+    created_by: str
+    provider_ids: tuple[str, ...] = field(default=())
+
+
+def _providers_of(conn: Connection, service_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    found: dict[str, list[str]] = {service_id: [] for service_id in service_ids}
+    rows = conn.execute(
+        select(service_providers.c.service_id, service_providers.c.provider_id)
+        .where(service_providers.c.service_id.in_(service_ids))
+        .order_by(service_providers.c.provider_id)
+    )
+    for service_id, provider_id in rows:
+        found[service_id].append(provider_id)
+    return {service_id: tuple(ids) for service_id, ids in found.items()}
+
+
+def _records(conn: Connection, rows: Sequence[Any]) -> list[ServiceRecord]:
+    providers = _providers_of(conn, [row.id for row in rows])
+    return [
+        ServiceRecord(
+            id=row.id,
+            slug=row.slug,
+            name=row.name,
+            description=row.description,
+            duration_minutes=row.duration_minutes,
+            price_amount=row.price_amount,
+            price_currency=row.price_currency,
+            rules=json.loads(row.rules),
+            created_by=row.created_by,
+            provider_ids=providers[row.id],
+        )
+        for row in rows
+    ]
+
+
+def insert_service(
+    conn: Connection,
+    *,
+    slug: str,
+    name: str,
+    description: str,
+    duration_minutes: int,
+    price_amount: str,
+    price_currency: str,
+    rules: dict[str, Any],
+    created_by: str,
+    provider_ids: Sequence[str],
+) -> ServiceRecord:
+    service_id = str(uuid.uuid4())
+    now = int(time.time())
+    conn.execute(
+        insert(services).values(
+            id=service_id,
+            slug=slug,
+            name=name,
+            description=description,
+            duration_minutes=duration_minutes,
+            price_amount=price_amount,
+            price_currency=price_currency,
+            rules=json.dumps(rules, sort_keys=True),
+            created_by=created_by,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    _set_providers(conn, service_id, provider_ids)
+    service = get_service(conn, service_id)
+    assert service is not None
+    return service
+
+
+def _set_providers(conn: Connection, service_id: str, provider_ids: Sequence[str]) -> None:
+    conn.execute(delete(service_providers).where(service_providers.c.service_id == service_id))
+    if provider_ids:
+        conn.execute(
+            insert(service_providers),
+            [{"service_id": service_id, "provider_id": pid} for pid in provider_ids],
+        )
+
+
+def get_service(conn: Connection, service_id: str) -> ServiceRecord | None:
+    rows = conn.execute(
+        select(services).where(services.c.id == service_id, services.c.deleted_at.is_(None))
+    ).all()
+    return _records(conn, rows)[0] if rows else None
+
+
+def list_services(
+    conn: Connection, *, provider_id: str | None, after_id: str | None, limit: int
+) -> list[ServiceRecord]:
+    """Live services ordered by id, optionally of one provider, after a cursor."""
+    query = select(services).where(services.c.deleted_at.is_(None))
+    if provider_id is not None:
+        query = query.where(
+            services.c.id.in_(
+                select(service_providers.c.service_id).where(
+                    service_providers.c.provider_id == provider_id
+                )
+            )
+        )
+    if after_id is not None:
+        query = query.where(services.c.id > after_id)
+    rows = conn.execute(query.order_by(services.c.id).limit(limit)).all()
+    return _records(conn, rows)
+
+
+def update_service(
+    conn: Connection, service_id: str, provider_ids: Sequence[str] | None, **changes: Any
+) -> ServiceRecord | None:
+    if "rules" in changes:
+        changes["rules"] = json.dumps(changes["rules"], sort_keys=True)
+    conn.execute(
+        update(services)
+        .where(services.c.id == service_id)
+        .values(**changes, updated_at=int(time.time()))
+    )
+    if provider_ids is not None:
+        _set_providers(conn, service_id, provider_ids)
+    return get_service(conn, service_id)
+
+
+def delete_service(conn: Connection, service_id: str) -> None:
+    """Hide a service from listing and booking; appointments made with it keep referring to it."""
+    conn.execute(
+        update(services).where(services.c.id == service_id).values(deleted_at=int(time.time()))
+    )
+
+
+def provider_roles(conn: Connection, user_ids: Sequence[str]) -> dict[str, str]:
+    """Role of each existing active user among `user_ids`."""
+    rows = conn.execute(
+        select(users.c.id, users.c.role).where(users.c.id.in_(user_ids), users.c.status == "active")
+    )
+    return {user_id: role for user_id, role in rows}
