@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the password from stdin (else one is generated and printed)",
     )
 
+    token = commands.add_parser("token", help="manage API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="create a bearer token for a user")
+    _add_config_option(create)
+    create.add_argument("username")
+    create.add_argument("--name", default="", help="what the token is for")
+
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser("upgrade", help="apply schema migrations")
@@ -81,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "user":
             return _user_add(settings, args)
+        if args.command == "token":
+            return _token_create(settings, args)
         if args.command == "db":
             database = _open_database(settings)
             _migrate(database)
@@ -172,6 +181,21 @@ def _user_add(settings: Settings, args: argparse.Namespace) -> int:
     print(f"created {user.role} {user.username} (id {user.id})")
     if generated:
         print(f"password: {password}")
+    return 0
+
+
+def _token_create(settings: Settings, args: argparse.Namespace) -> int:
+    from bookdav.storage.tokens import create_token
+    from bookdav.storage.users import user_by_username
+
+    database = _open_database(settings)
+    _migrate(database)
+    with database.write([args.username]) as conn:
+        user = user_by_username(conn, args.username)
+        if user is None:
+            raise Fatal(f"no user {args.username}")
+        info, secret = create_token(conn, user.id, args.name)
+    print(f"token {info.id} for {user.username} (shown once):\n{secret}")
     return 0
 
 

@@ -351,3 +351,51 @@ def test_only_the_provider_or_an_admin_sets_hours(provider: Provider) -> None:
         json={"timeSlots": []},
     )
     assert_problem(response, 403)
+
+
+def test_a_busy_resource_blocks_the_services_that_need_it(provider: Provider) -> None:
+    server = provider.server
+    admin = server.add_user("admin")
+    room = requests.post(
+        f"{server.base_url}/api/v1/resources",
+        auth=(admin, server.passwords[admin]),
+        json={"name": "Room 1", "kind": "room", "timezone": "Europe/Berlin"},
+    )
+    assert room.status_code == 201, room.text
+    needs_room = requests.put(
+        f"{server.base_url}/api/v1/services/{provider.service_id}",
+        auth=provider.auth,
+        json={"resources": [room.json()["resourceId"]]},
+    )
+    assert needs_room.status_code == 200, needs_room.text
+    assert needs_room.json()["resources"] == [room.json()["resourceId"]]
+    monday = next_monday(6)
+    calendar_url = room.json()["calendarUrl"]
+    blocked = requests.put(
+        f"{calendar_url}cleaning.ics",
+        auth=provider.auth,
+        headers={"Content-Type": "text/calendar"},
+        data=vevent(f"DTSTART:{stamp(monday, 9)}", f"DTEND:{stamp(monday, 11)}").encode(),
+    )
+    assert blocked.status_code == 201, blocked.text
+    assert len(provider.slots(monday)) == 12
+    client = server.add_user("client")
+    assert requests.get(
+        f"{calendar_url}cleaning.ics", auth=(client, server.passwords[client])
+    ).status_code in {403, 404}
+    mkcalendar = requests.request(
+        "MKCALENDAR", f"{server.dav_url}resources/mine/", auth=provider.auth
+    )
+    assert mkcalendar.status_code == 403
+    delete = requests.delete(calendar_url, auth=provider.auth)
+    assert delete.status_code == 403
+    assert len(provider.slots(monday)) == 12
+
+
+def test_services_refuse_unknown_resources(provider: Provider) -> None:
+    response = requests.put(
+        f"{provider.server.base_url}/api/v1/services/{provider.service_id}",
+        auth=provider.auth,
+        json={"resources": [str(uuid.uuid4())]},
+    )
+    assert_problem(response, 400, "resources")

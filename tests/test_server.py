@@ -264,3 +264,18 @@ def test_healthz_turns_503_when_the_database_goes_away(tmp_path: Path) -> None:
 def test_dav_root_asks_for_credentials(server: RunningServer, path: str) -> None:
     response = requests.request("PROPFIND", server.base_url + path, headers={"Depth": "0"})
     assert response.status_code == 401
+
+
+def test_token_create_prints_a_working_bearer_token(server: RunningServer) -> None:
+    username = server.add_user("provider")
+    result = run_bookdav(
+        "token", "create", username, "--name", "ci", "--config", str(server.config_path)
+    )
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.strip().splitlines()[-1]
+    me = requests.get(
+        f"{server.base_url}/api/v1/users/me", headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert me.status_code == 200 and me.json()["username"] == username
+    unknown = run_bookdav("token", "create", "nobody-here", "--config", str(server.config_path))
+    assert_clean_failure(unknown, "no user nobody-here")

@@ -10,9 +10,12 @@ from sqlalchemy import Connection
 
 from bookdav.storage import calendars
 from bookdav.storage.db import Database
+from bookdav.storage.resources import RESOURCES_PRINCIPAL
 from bookdav.storage.users import ROLES, User, hash_password, insert_user
 
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Names of principal folders under /dav/ that are not people.
+RESERVED_USERNAMES = frozenset({RESOURCES_PRINCIPAL})
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 # Every provider gets these under /dav/<username>/: (path segment, display name, components).
@@ -35,6 +38,8 @@ def generate_password() -> str:
 
 
 def validate_account(username: str, email: str, role: str, timezone: str) -> None:
+    if username in RESERVED_USERNAMES:
+        raise InvalidAccount("username", f"{username!r} is reserved")
     if not USERNAME_PATTERN.match(username):
         raise InvalidAccount(
             "username", "use 1-64 lowercase letters, digits, '.', '_' or '-', starting alphanumeric"

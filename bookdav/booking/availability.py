@@ -17,9 +17,12 @@ from sqlalchemy import Connection
 from bookdav.booking.errors import NotFound
 from bookdav.booking.ical import HOURS_UID_PREFIX, WorkingHours, hours_from_events
 from bookdav.booking.ical import weekly_hours_events as build_weekly_events
-from bookdav.booking.slots import MINUTE, Interval, Rules, SlotQuery, free_slots
+from bookdav.booking.services import rules_from_json
+from bookdav.booking.slots import MINUTE, Interval, SlotQuery, free_slots
 from bookdav.storage import calendars
 from bookdav.storage.calendars import Collection
+from bookdav.storage.resources import resources_of_service
+from bookdav.storage.services import ServiceRecord
 from bookdav.storage.users import User
 
 AVAILABILITY_CALENDAR = "availability"
@@ -74,22 +77,33 @@ def day_window(start_day: date, end_day: date, zone: str) -> tuple[int, int]:
 def search_slots(
     conn: Connection,
     provider: User,
-    duration_minutes: int,
-    rules: Rules,
+    service: ServiceRecord,
     window: tuple[int, int],
     now: int | None = None,
 ) -> list[Interval]:
-    """Free slots of a service of `duration_minutes` starting inside `window`."""
+    """Free slots of `service` with `provider` starting inside `window`: inside the provider's
+    hours, clear of every busy event of the provider and of each resource the service needs."""
     now = int(time.time()) if now is None else now
+    rules = rules_from_json(service.rules)
     owned = provider_calendars(conn, provider)
+    blocking = [c.id for c in owned.busy] + resource_calendar_ids(conn, service)
     window_start, window_end = window
     # Busy time just outside the window still blocks slots at its edges (buffers, long slots).
-    reach = (duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes) * MINUTE
+    reach = (
+        service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
+    ) * MINUTE
     open_hours = calendars.busy_intervals(
         conn, [owned.availability.id], window_start, window_end + reach
     )
-    busy = calendars.busy_intervals(
-        conn, [c.id for c in owned.busy], window_start - reach, window_end + reach
-    )
-    query = SlotQuery(window_start, window_end, duration_minutes, rules)
+    busy = calendars.busy_intervals(conn, blocking, window_start - reach, window_end + reach)
+    query = SlotQuery(window_start, window_end, service.duration_minutes, rules)
     return free_slots(query, open_hours, busy, now)
+
+
+def resource_calendar_ids(conn: Connection, service: ServiceRecord) -> list[int]:
+    ids = []
+    for resource in resources_of_service(conn, service.id):
+        collection = calendars.get_collection(conn, resource.calendar_path)
+        if collection is not None:
+            ids.append(collection.id)
+    return ids

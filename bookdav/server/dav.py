@@ -41,7 +41,7 @@ def radicale_configuration(settings: Settings) -> radicale.config.Configuration:
     configuration.update(
         {
             "auth": {"type": "bookdav.plugins.auth", "url": url, "delay": "1"},
-            "rights": {"type": "owner_only"},
+            "rights": {"type": "bookdav.plugins.rights", "url": url},
             "storage": {"type": "bookdav.plugins.storage", "url": url},
             "web": {"type": "none"},
             "hook": {"type": "none"},

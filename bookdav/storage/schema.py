@@ -174,3 +174,24 @@ service_providers = Table(
     Column("provider_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
 )
 Index("ix_service_providers_provider", service_providers.c.provider_id)
+
+# Rooms, chairs, devices: each has its own calendar under /dav/resources/<slug>/, so it can be
+# booked, blocked by hand in any calendar app, and locked like a provider.
+resources = Table(
+    "resources",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("slug", String(80), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+service_resources = Table(
+    "service_resources",
+    metadata,
+    Column(
+        "service_id", String(36), ForeignKey("services.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("resource_id", String(36), ForeignKey("resources.id"), primary_key=True),
+)

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
-from bookdav.storage.schema import service_providers, services, users
+from bookdav.storage.resources import set_service_resources
+from bookdav.storage.schema import service_providers, service_resources, services, users
 
 
 @dataclass(frozen=True)
@@ -26,22 +27,28 @@ class ServiceRecord:
     rules: dict[str, Any]
     created_by: str
     provider_ids: tuple[str, ...] = field(default=())
+    resource_ids: tuple[str, ...] = field(default=())
 
 
-def _providers_of(conn: Connection, service_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def _linked(
+    conn: Connection, link: Table, column: str, service_ids: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
+    """For each service, the ids in `link.<column>` (its providers, or its resources)."""
     found: dict[str, list[str]] = {service_id: [] for service_id in service_ids}
     rows = conn.execute(
-        select(service_providers.c.service_id, service_providers.c.provider_id)
-        .where(service_providers.c.service_id.in_(service_ids))
-        .order_by(service_providers.c.provider_id)
+        select(link.c.service_id, link.c[column])
+        .where(link.c.service_id.in_(service_ids))
+        .order_by(link.c[column])
     )
-    for service_id, provider_id in rows:
-        found[service_id].append(provider_id)
+    for service_id, linked_id in rows:
+        found[service_id].append(linked_id)
     return {service_id: tuple(ids) for service_id, ids in found.items()}
 
 
 def _records(conn: Connection, rows: Sequence[Any]) -> list[ServiceRecord]:
-    providers = _providers_of(conn, [row.id for row in rows])
+    service_ids = [row.id for row in rows]
+    providers = _linked(conn, service_providers, "provider_id", service_ids)
+    needs = _linked(conn, service_resources, "resource_id", service_ids)
     return [
         ServiceRecord(
             id=row.id,
@@ -54,6 +61,7 @@ def _records(conn: Connection, rows: Sequence[Any]) -> list[ServiceRecord]:
             rules=json.loads(row.rules),
             created_by=row.created_by,
             provider_ids=providers[row.id],
+            resource_ids=needs[row.id],
         )
         for row in rows
     ]
@@ -71,6 +79,7 @@ def insert_service(
     rules: dict[str, Any],
     created_by: str,
     provider_ids: Sequence[str],
+    resource_ids: Sequence[str] = (),
 ) -> ServiceRecord:
     service_id = str(uuid.uuid4())
     now = int(time.time())
@@ -90,6 +99,7 @@ def insert_service(
         )
     )
     _set_providers(conn, service_id, provider_ids)
+    set_service_resources(conn, service_id, resource_ids)
     service = get_service(conn, service_id)
     assert service is not None
     return service
@@ -131,7 +141,11 @@ def list_services(
 
 
 def update_service(
-    conn: Connection, service_id: str, provider_ids: Sequence[str] | None, **changes: Any
+    conn: Connection,
+    service_id: str,
+    provider_ids: Sequence[str] | None,
+    resource_ids: Sequence[str] | None = None,
+    **changes: Any,
 ) -> ServiceRecord | None:
     if "rules" in changes:
         changes["rules"] = json.dumps(changes["rules"], sort_keys=True)
@@ -142,6 +156,8 @@ def update_service(
     )
     if provider_ids is not None:
         _set_providers(conn, service_id, provider_ids)
+    if resource_ids is not None:
+        set_service_resources(conn, service_id, resource_ids)
     return get_service(conn, service_id)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bookdav.server.api import availability, services, users
+from bookdav.server.api import availability, resources, services, users
 
-ROUTE_TABLES = (users.routes, services.routes, availability.routes)
+ROUTE_TABLES = (users.routes, services.routes, availability.routes, resources.routes)
 
 
 def add_routes(app: web.Application) -> None:

@@ -18,7 +18,6 @@ from bookdav.booking.ical import (
     parse_vavailability,
     vavailability,
 )
-from bookdav.booking.services import rules_from_json
 from bookdav.server.api import validation as v
 from bookdav.server.api.validation import UnsupportedMediaType
 from bookdav.server.auth import require_user
@@ -148,13 +147,7 @@ async def _slots(request: web.Request, provider: User) -> web.Response:
         raise InvalidInput("endDate", f"a search may cover at most {max_days} days")
     zone = v.time_zone(request.query.get("timezone", provider.timezone))
     window = availability.day_window(start_day, end_day, zone)
-    found = await database.run_read(
-        availability.search_slots,
-        provider,
-        service.duration_minutes,
-        rules_from_json(service.rules),
-        window,
-    )
+    found = await database.run_read(availability.search_slots, provider, service, window)
     tz = ZoneInfo(zone)
     return web.json_response(
         {

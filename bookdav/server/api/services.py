@@ -13,6 +13,7 @@ from bookdav.server.api import validation as v
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE
 from bookdav.storage import services as store
+from bookdav.storage.resources import list_resources
 from bookdav.storage.users import User
 
 routes = web.RouteTableDef()
@@ -31,7 +32,7 @@ def service_json(service: store.ServiceRecord) -> dict[str, Any]:
         "duration": service.duration_minutes,
         "price": {"amount": service.price_amount, "currency": service.price_currency},
         "providerIds": list(service.provider_ids),
-        "resources": [],
+        "resources": list(service.resource_ids),
         "rules": rules_json(rules_from_json(service.rules)),
     }
 
@@ -62,9 +63,15 @@ def _rules(body: dict[str, Any]) -> dict[str, Any]:
     return rules
 
 
-def _no_resources(body: dict[str, Any]) -> None:
-    if v.string_list(body, "resources", required=False):
-        raise InvalidInput("resources", "no resource with these ids exists")
+async def _resource_ids(request: web.Request, body: dict[str, Any]) -> list[str]:
+    """The resources every booking of the service needs; each must exist."""
+    wanted = v.string_list(body, "resources", required=False, max_items=20)
+    if wanted:
+        found = await request.app[DATABASE].run_read(list_resources, wanted)
+        missing = sorted(set(wanted) - {resource.id for resource in found})
+        if missing:
+            raise InvalidInput("resources", f"no resource {missing[0]}")
+    return wanted
 
 
 async def _provider_ids(request: web.Request, actor: User, body: dict[str, Any]) -> list[str]:
@@ -106,7 +113,7 @@ async def create_service(request: web.Request) -> web.Response:
     duration = v.integer(body["duration"], "duration", minimum=5, maximum=MAX_DURATION_MINUTES)
     amount, currency = _price(body)
     rules = _rules(body)
-    _no_resources(body)
+    resource_ids = await _resource_ids(request, body)
     provider_ids = await _provider_ids(request, actor, body)
     service = await request.app[DATABASE].run_write(
         lambda conn: store.insert_service(
@@ -120,6 +127,7 @@ async def create_service(request: web.Request) -> web.Response:
             rules=rules,
             created_by=actor.id,
             provider_ids=provider_ids,
+            resource_ids=resource_ids,
         )
     )
     return web.json_response(
@@ -170,10 +178,10 @@ async def put_service(request: web.Request) -> web.Response:
         changes["price_amount"], changes["price_currency"] = _price(body)
     if "rules" in body:
         changes["rules"] = {**service.rules, **_rules(body)}
-    _no_resources(body)
+    resource_ids = await _resource_ids(request, body) if "resources" in body else None
     provider_ids = await _provider_ids(request, actor, body) if "providerIds" in body else None
     updated = await request.app[DATABASE].run_write(
-        store.update_service, service.id, provider_ids, **changes
+        store.update_service, service.id, provider_ids, resource_ids, **changes
     )
     assert updated is not None
     return web.json_response(service_json(updated))
