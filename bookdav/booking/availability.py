@@ -7,7 +7,10 @@ parsed when it is written, never here.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -18,12 +21,12 @@ from bookdav.booking.errors import NotFound
 from bookdav.booking.ical import HOURS_UID_PREFIX, WorkingHours, hours_from_events
 from bookdav.booking.ical import weekly_hours_events as build_weekly_events
 from bookdav.booking.services import rules_from_json
-from bookdav.booking.slots import MINUTE, Interval, SlotQuery, free_slots
+from bookdav.booking.slots import MINUTE, Interval, SlotQuery, free_slots, merge
 from bookdav.storage import calendars
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import resources_of_service
-from bookdav.storage.services import ServiceRecord
-from bookdav.storage.users import User
+from bookdav.storage.services import ServiceRecord, get_service
+from bookdav.storage.users import User, user_by_id
 
 AVAILABILITY_CALENDAR = "availability"
 
@@ -74,36 +77,82 @@ def day_window(start_day: date, end_day: date, zone: str) -> tuple[int, int]:
     return int(start.timestamp()), int(end.timestamp())
 
 
-def search_slots(
+def find_slots(
     conn: Connection,
-    provider: User,
-    service: ServiceRecord,
+    provider_id: str,
+    service_id: str,
     window: tuple[int, int],
     now: int | None = None,
-) -> list[Interval]:
-    """Free slots of `service` with `provider` starting inside `window`: inside the provider's
-    hours, clear of every busy event of the provider and of each resource the service needs."""
+) -> tuple[User, ServiceRecord, list[Interval]]:
+    """The provider, the service and its free slots starting inside `window`, in one snapshot:
+    inside the provider's hours, clear of every busy event of the provider and of each resource
+    the service needs. Raises `NotFound` for an unknown provider or a service they don't offer."""
     now = int(time.time()) if now is None else now
+    provider = user_by_id(conn, provider_id)
+    if provider is None or provider.role != "provider" or provider.status != "active":
+        raise NotFound(f"no provider {provider_id}")
+    service = get_service(conn, service_id)
+    if service is None or provider.id not in service.provider_ids:
+        raise NotFound(f"provider {provider_id} offers no service {service_id}")
     rules = rules_from_json(service.rules)
     owned = provider_calendars(conn, provider)
-    blocking = [c.id for c in owned.busy] + resource_calendar_ids(conn, service)
-    window_start, window_end = window
+    blocking = list(owned.busy) + resource_calendars(conn, service)
     # Busy time just outside the window still blocks slots at its edges (buffers, long slots).
     reach = (
         service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
     ) * MINUTE
-    open_hours = calendars.busy_intervals(
-        conn, [owned.availability.id], window_start, window_end + reach
-    )
-    busy = calendars.busy_intervals(conn, blocking, window_start - reach, window_end + reach)
-    query = SlotQuery(window_start, window_end, service.duration_minutes, rules)
-    return free_slots(query, open_hours, busy, now)
+    span = (window[0] - reach, window[1] + reach)
+    key = (_revisions([owned.availability]), _revisions(blocking), span)
+    cached = _intervals.get(key)
+    if cached is None:
+        cached = (
+            merge(calendars.busy_intervals(conn, [owned.availability.id], *span)),
+            merge(calendars.busy_intervals(conn, [c.id for c in blocking], *span)),
+        )
+        _intervals.put(key, cached)
+    open_hours, busy = cached
+    query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
+    return provider, service, free_slots(query, open_hours, busy, now)
 
 
-def resource_calendar_ids(conn: Connection, service: ServiceRecord) -> list[int]:
-    ids = []
+def _revisions(owned: Iterable[Collection]) -> tuple[tuple[int, str, int], ...]:
+    return tuple(sorted((c.id, c.incarnation, c.revision) for c in owned))
+
+
+class IntervalCache:
+    """Open and busy intervals (merged), keyed by the revisions of the calendars they were read from.
+
+    Every write to a calendar, from any process, raises its revision inside the same transaction,
+    and the key is read in the same snapshot as the intervals would be: a changed calendar is a
+    new key, never a stale answer.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: OrderedDict[Hashable, tuple[list[Interval], list[Interval]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> tuple[list[Interval], list[Interval]] | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: tuple[list[Interval], list[Interval]]) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+_intervals = IntervalCache()
+
+
+def resource_calendars(conn: Connection, service: ServiceRecord) -> list[Collection]:
+    found = []
     for resource in resources_of_service(conn, service.id):
         collection = calendars.get_collection(conn, resource.calendar_path)
         if collection is not None:
-            ids.append(collection.id)
-    return ids
+            found.append(collection)
+    return found

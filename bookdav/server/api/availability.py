@@ -7,6 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
+from sqlalchemy import Connection
 
 from bookdav.booking import availability
 from bookdav.booking.errors import Forbidden, InvalidInput, NotFound
@@ -18,11 +19,13 @@ from bookdav.booking.ical import (
     parse_vavailability,
     vavailability,
 )
+from bookdav.booking.slots import Interval
+from bookdav.booking.times import InstantFormatter
 from bookdav.server.api import validation as v
 from bookdav.server.api.validation import UnsupportedMediaType
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE, SETTINGS
-from bookdav.storage.services import get_service
+from bookdav.storage.services import ServiceRecord
 from bookdav.storage.users import User, user_by_id
 
 routes = web.RouteTableDef()
@@ -119,6 +122,8 @@ async def set_availability(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/providers/{providerId}/availability")
 async def get_availability(request: web.Request) -> web.Response:
+    if "serviceId" in request.query:
+        return await _slots(request)
     provider = await _provider(request)
     database = request.app[DATABASE]
     if CALENDAR_TYPE in request.headers.get("Accept", ""):
@@ -126,18 +131,11 @@ async def get_availability(request: web.Request) -> web.Response:
         if hours is None:
             raise NotFound(f"provider {provider.id} has set no working hours")
         return web.Response(text=vavailability(hours), content_type=CALENDAR_TYPE, charset="utf-8")
-    if "serviceId" not in request.query:
-        hours = await database.run_read(availability.working_hours, provider)
-        return web.json_response(_hours_json(provider, hours))
-    return await _slots(request, provider)
+    hours = await database.run_read(availability.working_hours, provider)
+    return web.json_response(_hours_json(provider, hours))
 
 
-async def _slots(request: web.Request, provider: User) -> web.Response:
-    database = request.app[DATABASE]
-    service_id = request.query["serviceId"]
-    service = await database.run_read(get_service, service_id)
-    if service is None or provider.id not in service.provider_ids:
-        raise NotFound(f"provider {provider.id} offers no service {service_id}")
+async def _slots(request: web.Request) -> web.Response:
     start_day = _query_date(request, "startDate")
     end_day = _query_date(request, "endDate")
     if end_day < start_day:
@@ -145,20 +143,27 @@ async def _slots(request: web.Request, provider: User) -> web.Response:
     max_days = request.app[SETTINGS].get("booking", "max_search_days")
     if (end_day - start_day).days + 1 > max_days:
         raise InvalidInput("endDate", f"a search may cover at most {max_days} days")
-    zone = v.time_zone(request.query.get("timezone", provider.timezone))
-    window = availability.day_window(start_day, end_day, zone)
-    found = await database.run_read(availability.search_slots, provider, service, window)
-    tz = ZoneInfo(zone)
+    zone = request.query.get("timezone")
+    if zone is not None:
+        v.time_zone(zone)
+    provider_id, service_id = request.match_info["providerId"], request.query["serviceId"]
+
+    def search(conn: Connection) -> tuple[User, ServiceRecord, list[Interval], str]:
+        # The provider's zone is only known inside the unit of work: one snapshot, one thread hop.
+        provider = user_by_id(conn, provider_id)
+        shown_in = zone or (provider.timezone if provider else "UTC")
+        window = availability.day_window(start_day, end_day, shown_in)
+        return (*availability.find_slots(conn, provider_id, service_id, window), shown_in)
+
+    provider, service, found, shown_in = await request.app[DATABASE].run_read(search)
+    local = InstantFormatter(shown_in)
     return web.json_response(
         {
             "providerId": provider.id,
             "serviceId": service.id,
-            "timezone": zone,
+            "timezone": shown_in,
             "slots": [
-                {
-                    "startTime": datetime.fromtimestamp(start, tz).isoformat(),
-                    "endTime": datetime.fromtimestamp(end, tz).isoformat(),
-                }
+                {"startTime": local.format(start), "endTime": local.format(end)}
                 for start, end in found
             ],
         }
