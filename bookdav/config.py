@@ -32,6 +32,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "yes", "true", "on"}:
@@ -103,6 +110,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "booking": {
         "allow_client_signup": Option(
             _boolean, "true", "Let anyone register a client account through POST /api/v1/users."
+        ),
+        "guest_bookings_per_minute": Option(
+            _non_negative_int,
+            "30",
+            "Bookings a minute one address may make without signing in (429 past it; 0: no limit).",
         ),
         "max_search_days": Option(
             _positive_int, "62", "Longest date range one availability search may ask for."

@@ -31,7 +31,13 @@ def require_postgres() -> str:
     return url
 
 
-def write_config(folder: Path, *, database_url: str | None = None, extra: str = "") -> Path:
+def write_config(
+    folder: Path,
+    *,
+    database_url: str | None = None,
+    extra: str = "",
+    guest_bookings_per_minute: int = 0,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     url = database_url or "sqlite:///var/bookdav.sqlite3"
     config = folder / "config.ini"
@@ -39,6 +45,7 @@ def write_config(folder: Path, *, database_url: str | None = None, extra: str = 
         "[server]\nhost = 127.0.0.1\nport = 0\n"
         f"[storage]\nurl = {url}\n"
         "[mail]\nmaildir = var/maildir\n"
+        f"[booking]\nguest_bookings_per_minute = {guest_bookings_per_minute}\n"
         f"[logging]\nlevel = info\nformat = json\n{extra}",
         encoding="utf-8",
     )
@@ -97,9 +104,14 @@ class RunningServer:
                 self.process.wait()
 
 
-def start_server(folder: Path, *, database_url: str | None = None) -> RunningServer:
-    """Start `bookdav serve` on port 0 and wait until /healthz answers."""
-    config = write_config(folder, database_url=database_url)
+def start_server(
+    folder: Path, *, database_url: str | None = None, guest_bookings_per_minute: int = 0
+) -> RunningServer:
+    """Start `bookdav serve` on port 0 and wait until /healthz answers. Guest bookings are not
+    rate-limited unless asked: the tests book from one address, fast."""
+    config = write_config(
+        folder, database_url=database_url, guest_bookings_per_minute=guest_bookings_per_minute
+    )
     log_path = folder / "server.log"
     log_file = log_path.open("w", encoding="utf-8")
     process = subprocess.Popen(

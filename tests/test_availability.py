@@ -76,6 +76,11 @@ def stamp(day: date, hour: int, minute: int = 0) -> str:
 
 @pytest.fixture
 def provider(server: RunningServer) -> Provider:
+    return make_provider(server)
+
+
+def make_provider(server: RunningServer) -> Provider:
+    """A Europe/Berlin provider with Mon-Fri 09:00-17:00 hours and a 30-minute service."""
     username = server.add_user("provider", timezone="Europe/Berlin")
     auth = (username, server.passwords[username])
     user_id = requests.get(f"{server.base_url}/api/v1/users/me", auth=auth).json()["userId"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -21,8 +21,9 @@ from bookdav.booking.errors import NotFound
 from bookdav.booking.ical import HOURS_UID_PREFIX, WorkingHours, hours_from_events
 from bookdav.booking.ical import weekly_hours_events as build_weekly_events
 from bookdav.booking.services import rules_from_json
-from bookdav.booking.slots import MINUTE, Interval, SlotQuery, free_slots, merge
+from bookdav.booking.slots import MINUTE, Interval, Rules, SlotQuery, free_slots, merge
 from bookdav.storage import calendars
+from bookdav.storage.appointments import group_slots_with_room
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import resources_of_service
 from bookdav.storage.services import ServiceRecord, get_service
@@ -102,17 +103,40 @@ def find_slots(
         service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
     ) * MINUTE
     span = (window[0] - reach, window[1] + reach)
-    key = (_revisions([owned.availability]), _revisions(blocking), span)
-    cached = _intervals.get(key)
-    if cached is None:
+    if rules.capacity > 1:
+        # A group slot stays bookable until full: its own event must not block it.
         cached = (
             merge(calendars.busy_intervals(conn, [owned.availability.id], *span)),
-            merge(calendars.busy_intervals(conn, [c.id for c in blocking], *span)),
+            merge(_without_open_groups(conn, service, provider, rules, blocking, span)),
         )
-        _intervals.put(key, cached)
+    else:
+        key = (_revisions([owned.availability]), _revisions(blocking), span)
+        cached = _intervals.get(key)
+        if cached is None:
+            cached = (
+                merge(calendars.busy_intervals(conn, [owned.availability.id], *span)),
+                merge(calendars.busy_intervals(conn, [c.id for c in blocking], *span)),
+            )
+            _intervals.put(key, cached)
     open_hours, busy = cached
     query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
     return provider, service, free_slots(query, open_hours, busy, now)
+
+
+def _without_open_groups(
+    conn: Connection,
+    service: ServiceRecord,
+    provider: User,
+    rules: Rules,
+    blocking: Sequence[Collection],
+    span: tuple[int, int],
+) -> list[Interval]:
+    """Busy time, less one copy of each group event of this service that still has room."""
+    busy = calendars.busy_intervals(conn, [c.id for c in blocking], *span)
+    for start_utc, end_utc in group_slots_with_room(conn, service, provider, rules.capacity, span):
+        if (start_utc, end_utc) in busy:
+            busy.remove((start_utc, end_utc))
+    return busy
 
 
 def _revisions(owned: Iterable[Collection]) -> tuple[tuple[int, str, int], ...]:

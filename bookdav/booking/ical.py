@@ -7,6 +7,7 @@ translated to and from the same weekly hours here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -201,3 +202,81 @@ def hours_from_events(texts: Iterable[str], timezone: str) -> WorkingHours | Non
     if not hours:
         return None
     return WorkingHours(timezone, tuple(hours), min(first_days), until)
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    email: str
+
+
+@dataclass(frozen=True)
+class AppointmentEvent:
+    """What the VEVENT of an appointment says; `ical.appointment_event` writes it."""
+
+    uid: str
+    appointment_id: str
+    summary: str
+    start_utc: int
+    end_utc: int
+    timezone: str
+    organizer: Person
+    attendees: tuple[Person, ...]
+    sequence: int = 0
+    status: str = "CONFIRMED"
+    description: str = ""
+    url: str = ""
+    rrule: str | None = None
+    exdates_utc: tuple[int, ...] = ()
+
+
+def _mailto(person: Person, role: str | None = None) -> icalendar.vCalAddress:
+    address = icalendar.vCalAddress(f"mailto:{person.email}")
+    if person.name:
+        address.params["CN"] = person.name
+    if role:
+        address.params["ROLE"] = role
+        address.params["PARTSTAT"] = "NEEDS-ACTION"
+        address.params["RSVP"] = "TRUE"
+    return address
+
+
+def appointment_event(event: AppointmentEvent) -> str:
+    """The appointment as a VCALENDAR: stable UID, ORGANIZER = provider, one ATTENDEE per client
+    (RSVP, PARTSTAT), SEQUENCE, STATUS. A single appointment is written in UTC (every client
+    shows it in its own zone); a recurring one in the provider's zone with its VTIMEZONE, so it
+    keeps its wall-clock time across DST."""
+    zone = ZoneInfo(event.timezone if event.rrule else "UTC")
+    vevent = icalendar.Event()
+    vevent.add("uid", event.uid)
+    vevent.add("dtstamp", datetime.now(ZoneInfo("UTC")))
+    vevent.add("dtstart", datetime.fromtimestamp(event.start_utc, zone))
+    vevent.add("dtend", datetime.fromtimestamp(event.end_utc, zone))
+    vevent.add("summary", event.summary)
+    vevent.add("sequence", event.sequence)
+    vevent.add("status", event.status)
+    vevent.add("organizer", _mailto(event.organizer))
+    for attendee in event.attendees:
+        vevent.add("attendee", _mailto(attendee, role="REQ-PARTICIPANT"))
+    if event.description:
+        vevent.add("description", event.description)
+    if event.url:
+        vevent.add("url", event.url)
+    if event.rrule:
+        vevent.add("rrule", icalendar.vRecur.from_ical(event.rrule))
+    for exdate in event.exdates_utc:
+        vevent.add("exdate", datetime.fromtimestamp(exdate, zone))
+    vevent.add("x-bookdav-appointment-id", event.appointment_id)
+    calendar = _calendar()
+    calendar.add_component(vevent)
+    text = calendar.to_ical().decode()
+    if not event.rrule:
+        return text
+    # Building a VTIMEZONE from zoneinfo costs ~2 ms; its text never changes for a zone.
+    head, begin, tail = text.partition("BEGIN:VEVENT\r\n")
+    return head + _vtimezone_text(event.timezone) + begin + tail
+
+
+@functools.lru_cache(maxsize=64)
+def _vtimezone_text(zone: str) -> str:
+    return icalendar.Timezone.from_tzinfo(ZoneInfo(zone)).to_ical().decode()

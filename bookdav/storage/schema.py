@@ -195,3 +195,64 @@ service_resources = Table(
     ),
     Column("resource_id", String(36), ForeignKey("resources.id"), primary_key=True),
 )
+
+# An appointment is also a VEVENT in the provider's Appointments calendar (event_href); this row is
+# what the API lists and what notifications and reminders refer to. Status: confirmed, cancelled,
+# completed, no_show.
+appointments = Table(
+    "appointments",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("service_id", String(36), ForeignKey("services.id"), nullable=False),
+    Column("provider_id", String(36), ForeignKey("users.id"), nullable=False),
+    Column("client_id", String(36), ForeignKey("users.id"), nullable=True),
+    Column("client_name", String(200), nullable=False),
+    Column("client_email", String(320), nullable=False),
+    Column("client_timezone", String(64), nullable=False),
+    Column("start_utc", BigInteger, nullable=False),
+    Column("end_utc", BigInteger, nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("recurrence", Text, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("event_uid", String(200), nullable=False),
+    Column("event_href", String(300), nullable=False),
+    Column("sequence", Integer, nullable=False, server_default="0"),
+    Column("confirmation_code", String(16), nullable=False, unique=True),
+    Column("manage_token", String(64), nullable=False, unique=True),
+    Column("cancellation_reason", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    # Recurring appointments: cancelled and moved occurrences, as JSON.
+    Column("exceptions", Text, nullable=False, server_default="{}"),
+)
+Index("ix_appointments_provider_start", appointments.c.provider_id, appointments.c.start_utc)
+Index("ix_appointments_client", appointments.c.client_id)
+
+# Idempotency-Key: the first answer to a (who, key) pair, replayed for retries of that request.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(400), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# The transactional outbox: rows written in the same transaction as the change they announce,
+# delivered later (with retries) by a worker, so nothing is lost when mail or a remote is down.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(40), nullable=False),
+    Column("appointment_id", String(36), nullable=True),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+Index("ix_outbox_due", outbox.c.status, outbox.c.next_attempt_at)

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bookdav.server.api import availability, resources, services, users
+from bookdav.server.api import appointments, availability, resources, services, users
+from bookdav.server.keys import SETTINGS
+from bookdav.server.ratelimit import RateLimiter
 
-ROUTE_TABLES = (users.routes, services.routes, availability.routes, resources.routes)
+ROUTE_TABLES = (
+    users.routes,
+    services.routes,
+    availability.routes,
+    resources.routes,
+    appointments.routes,
+)
 
 
 def add_routes(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    app[appointments.GUEST_LIMITER] = RateLimiter(
+        settings.get("booking", "guest_bookings_per_minute")
+    )
     for table in ROUTE_TABLES:
         app.add_routes(table)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 00:44:29.489997
+Create Date: 2026-11-25 00:55:04.710882
 """
 
 from collections.abc import Sequence
@@ -41,6 +41,31 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_collections_parent_path"), ["parent_path"], unique=False
         )
+
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("scope", sa.String(length=400), nullable=False),
+        sa.Column("request_hash", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.Integer(), nullable=False),
+        sa.Column("response", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("scope", name=op.f("pk_idempotency_keys")),
+    )
+    op.create_table(
+        "outbox",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("kind", sa.String(length=40), nullable=False),
+        sa.Column("appointment_id", sa.String(length=36), nullable=True),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("status", sa.String(length=16), server_default="pending", nullable=False),
+        sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("next_attempt_at", sa.BigInteger(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
+    )
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.create_index("ix_outbox_due", ["status", "next_attempt_at"], unique=False)
 
     op.create_table(
         "resources",
@@ -153,6 +178,49 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_services")),
     )
     op.create_table(
+        "appointments",
+        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column("service_id", sa.String(length=36), nullable=False),
+        sa.Column("provider_id", sa.String(length=36), nullable=False),
+        sa.Column("client_id", sa.String(length=36), nullable=True),
+        sa.Column("client_name", sa.String(length=200), nullable=False),
+        sa.Column("client_email", sa.String(length=320), nullable=False),
+        sa.Column("client_timezone", sa.String(length=64), nullable=False),
+        sa.Column("start_utc", sa.BigInteger(), nullable=False),
+        sa.Column("end_utc", sa.BigInteger(), nullable=False),
+        sa.Column("timezone", sa.String(length=64), nullable=False),
+        sa.Column("recurrence", sa.Text(), nullable=True),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("notes", sa.Text(), server_default="", nullable=False),
+        sa.Column("event_uid", sa.String(length=200), nullable=False),
+        sa.Column("event_href", sa.String(length=300), nullable=False),
+        sa.Column("sequence", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("confirmation_code", sa.String(length=16), nullable=False),
+        sa.Column("manage_token", sa.String(length=64), nullable=False),
+        sa.Column("cancellation_reason", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.BigInteger(), nullable=False),
+        sa.Column("exceptions", sa.Text(), server_default="{}", nullable=False),
+        sa.ForeignKeyConstraint(
+            ["client_id"], ["users.id"], name=op.f("fk_appointments_client_id_users")
+        ),
+        sa.ForeignKeyConstraint(
+            ["provider_id"], ["users.id"], name=op.f("fk_appointments_provider_id_users")
+        ),
+        sa.ForeignKeyConstraint(
+            ["service_id"], ["services.id"], name=op.f("fk_appointments_service_id_services")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_appointments")),
+        sa.UniqueConstraint("confirmation_code", name=op.f("uq_appointments_confirmation_code")),
+        sa.UniqueConstraint("manage_token", name=op.f("uq_appointments_manage_token")),
+    )
+    with op.batch_alter_table("appointments", schema=None) as batch_op:
+        batch_op.create_index("ix_appointments_client", ["client_id"], unique=False)
+        batch_op.create_index(
+            "ix_appointments_provider_start", ["provider_id", "start_utc"], unique=False
+        )
+
+    op.create_table(
         "occurrences",
         sa.Column("item_id", sa.Integer(), nullable=False),
         sa.Column("collection_id", sa.Integer(), nullable=False),
@@ -223,6 +291,11 @@ def downgrade() -> None:
         batch_op.drop_index("ix_occurrences_item")
 
     op.drop_table("occurrences")
+    with op.batch_alter_table("appointments", schema=None) as batch_op:
+        batch_op.drop_index("ix_appointments_provider_start")
+        batch_op.drop_index("ix_appointments_client")
+
+    op.drop_table("appointments")
     op.drop_table("services")
     with op.batch_alter_table("items", schema=None) as batch_op:
         batch_op.drop_index("ix_items_collection_uid")
@@ -240,6 +313,11 @@ def downgrade() -> None:
     op.drop_table("api_tokens")
     op.drop_table("users")
     op.drop_table("resources")
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_index("ix_outbox_due")
+
+    op.drop_table("outbox")
+    op.drop_table("idempotency_keys")
     with op.batch_alter_table("collections", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_collections_parent_path"))
         batch_op.drop_index(batch_op.f("ix_collections_owner"))

@@ -1,0 +1,445 @@
+"""Booking, rescheduling and cancelling: each one unit of work under the provider's lock.
+
+Inside the transaction, after the lock: re-check the slot against working hours, rules and every
+busy occurrence (the occurrence index, so an event typed into a phone a second ago counts), then
+write the VEVENT (into the provider's Appointments calendar and each resource's calendar), the
+appointment row and its outbox rows. A lost race is `SlotTaken` (409), a time that was never
+bookable `NotBookable` (422). Nothing here awaits: the web layer runs each function whole on a
+database thread (`Database.run_write`), so the lock is held for microseconds of Python, not for
+network round trips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from bookdav.booking.availability import provider_calendars, resource_calendars
+from bookdav.booking.errors import Conflict, Forbidden, NotFound, PolicyViolation
+from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
+from bookdav.booking.services import rules_from_json
+from bookdav.booking.slots import DAY, MINUTE, Interval, Rules, SlotQuery, free_slots, merge
+from bookdav.storage import appointments as store
+from bookdav.storage import calendars
+from bookdav.storage import occurrences as occ
+from bookdav.storage.appointments import Appointment
+from bookdav.storage.calendars import Collection
+from bookdav.storage.resources import RESOURCES_PRINCIPAL
+from bookdav.storage.services import ServiceRecord, get_service
+from bookdav.storage.users import User, user_by_id
+
+MAX_OCCURRENCES = 104  # two years of a weekly series
+
+
+class SlotTaken(Conflict):
+    """Someone (a booking, or an event in a calendar) holds this time now."""
+
+    title = "Slot no longer available"
+
+
+class NotBookable(PolicyViolation):
+    """Outside working hours, off the slot grid, or against the service's rules."""
+
+    title = "Not bookable"
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str
+    email: str
+    timezone: str
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BookingRequest:
+    service_id: str
+    provider_id: str
+    start_utc: int
+    client: Client
+    notes: str = ""
+    recurrence: str | None = None  # an RRULE value, e.g. "FREQ=WEEKLY;COUNT=4"
+
+
+@dataclass(frozen=True)
+class Booked:
+    appointment: Appointment
+    service: ServiceRecord
+    provider: User
+
+
+def principals_for(service: ServiceRecord, provider: User) -> list[str]:
+    """The locks a booking of `service` with `provider` takes (provider, and resources if any)."""
+    return [provider.username] + ([RESOURCES_PRINCIPAL] if service.resource_ids else [])
+
+
+def load_booking_parties(
+    conn: Connection, provider_id: str, service_id: str
+) -> tuple[User, ServiceRecord]:
+    provider = user_by_id(conn, provider_id)
+    if provider is None or provider.role != "provider" or provider.status != "active":
+        raise NotFound(f"no provider {provider_id}")
+    service = get_service(conn, service_id)
+    if service is None or provider.id not in service.provider_ids:
+        raise NotFound(f"provider {provider_id} offers no service {service_id}")
+    return provider, service
+
+
+def book(
+    conn: Connection,
+    request: BookingRequest,
+    manage_url_base: str,
+    held: Sequence[str],
+    now: int | None = None,
+) -> Booked:
+    """Book one appointment (or a recurring series) atomically; see the module docstring.
+    `held` are the principals whose locks the transaction holds."""
+    now = int(time.time()) if now is None else now
+    provider, service = load_booking_parties(conn, request.provider_id, request.service_id)
+    if not set(principals_for(service, provider)) <= set(held):
+        raise Conflict("the service changed while booking; send the request again")
+    rules = rules_from_json(service.rules)
+    end_utc = request.start_utc + service.duration_minutes * MINUTE
+    appointment_id = str(uuid.uuid4())
+    manage_token = secrets.token_urlsafe(24)
+    appointment = Appointment(
+        id=appointment_id,
+        service_id=service.id,
+        provider_id=provider.id,
+        client_id=request.client.user_id,
+        client_name=request.client.name,
+        client_email=request.client.email,
+        client_timezone=request.client.timezone,
+        start_utc=request.start_utc,
+        end_utc=end_utc,
+        timezone=provider.timezone,
+        recurrence=request.recurrence,
+        status="confirmed",
+        notes=request.notes,
+        event_uid=f"{appointment_id}@bookdav",
+        event_href=f"{appointment_id}.ics",
+        sequence=0,
+        confirmation_code=secrets.token_hex(4).upper(),
+        manage_token=manage_token,
+        cancellation_reason=None,
+        created_at=now,
+        updated_at=now,
+    )
+    if rules.capacity > 1 and not request.recurrence:
+        return _join_group(conn, appointment, provider, service, rules, manage_url_base, now)
+    text, times = _event(appointment, provider, service, [appointment], manage_url_base)
+    _require_bookable(conn, provider, service, rules, times.occurrences, now)
+    _write_event(conn, provider, service, appointment, text, times)
+    store.insert_appointment(conn, appointment)
+    _announce(conn, "appointment.created", appointment)
+    return Booked(appointment, service, provider)
+
+
+def _join_group(
+    conn: Connection,
+    appointment: Appointment,
+    provider: User,
+    service: ServiceRecord,
+    rules: Rules,
+    manage_url_base: str,
+    now: int,
+) -> Booked:
+    """A group slot: one VEVENT, one ATTENDEE per booking, never more than `capacity`."""
+    members = store.group_members(conn, service.id, provider.id, appointment.start_utc)
+    if len(members) >= rules.capacity:
+        raise SlotTaken(f"all {rules.capacity} places at this time are taken")
+    if members:  # join the event the first booking made
+        appointment = dataclasses.replace(
+            appointment,
+            event_uid=members[0].event_uid,
+            event_href=members[0].event_href,
+            sequence=members[0].sequence,
+        )
+    everyone = [*members, appointment]
+    text, times = _event(everyone[0], provider, service, everyone, manage_url_base)
+    _require_bookable(
+        conn, provider, service, rules, times.occurrences, now, ignoring_uid=appointment.event_uid
+    )
+    _write_event(conn, provider, service, appointment, text, times)
+    store.insert_appointment(conn, appointment)
+    _announce(conn, "appointment.created", appointment)
+    return Booked(appointment, service, provider)
+
+
+def reschedule(
+    conn: Connection,
+    appointment_id: str,
+    start_utc: int,
+    manage_url_base: str,
+    now: int | None = None,
+) -> Booked:
+    """Move an appointment: same UID, SEQUENCE + 1, the new time checked like a new booking."""
+    now = int(time.time()) if now is None else now
+    current = _live(conn, appointment_id)
+    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    rules = rules_from_json(service.rules)
+    if rules.capacity > 1:
+        raise PolicyViolation("a place in a group cannot be moved: cancel it and book another")
+    moved = dataclasses.replace(
+        current,
+        start_utc=start_utc,
+        end_utc=start_utc + (current.end_utc - current.start_utc),
+        sequence=current.sequence + 1,
+        exceptions="{}",
+    )
+    text, times = _event(moved, provider, service, [moved], manage_url_base)
+    _require_bookable(
+        conn, provider, service, rules, times.occurrences, now, ignoring_uid=current.event_uid
+    )
+    _write_event(conn, provider, service, moved, text, times)
+    updated = store.update_appointment(
+        conn,
+        current.id,
+        start_utc=moved.start_utc,
+        end_utc=moved.end_utc,
+        sequence=moved.sequence,
+        exceptions="{}",
+    )
+    _announce(conn, "appointment.rescheduled", updated)
+    return Booked(updated, service, provider)
+
+
+def cancel(
+    conn: Connection,
+    appointment_id: str,
+    reason: str,
+    by_client: bool,
+    manage_url_base: str,
+    now: int | None = None,
+) -> Booked:
+    """Cancel: the VEVENT stays with STATUS:CANCELLED (history and sync); the time is free at
+    once. A client inside the service's cancellation notice is refused, naming the policy."""
+    now = int(time.time()) if now is None else now
+    current = get_appointment_or_404(conn, appointment_id)
+    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    if current.status == "cancelled":
+        return Booked(current, service, provider)
+    if current.status != "confirmed":
+        raise Conflict(f"a {current.status} appointment cannot be cancelled")
+    notice = rules_from_json(service.rules).cancellation_notice_minutes
+    if by_client and current.start_utc - now < notice * MINUTE:
+        raise PolicyViolation(
+            f"the cancellation policy of this service: cancel at least {notice} minutes ahead; "
+            "contact the provider instead",
+            policy={"cancellationNoticeMinutes": notice},
+        )
+    cancelled = dataclasses.replace(
+        current, status="cancelled", sequence=current.sequence + 1, cancellation_reason=reason
+    )
+    members = [m for m in _event_members(conn, current, service) if m.id != current.id]
+    if members:  # a group keeps its event; this attendee leaves it
+        text, times = _event(members[0], provider, service, members, manage_url_base)
+    else:
+        text, times = _event(cancelled, provider, service, [cancelled], manage_url_base)
+    _write_event(conn, provider, service, cancelled, text, times)
+    updated = store.update_appointment(
+        conn,
+        current.id,
+        status="cancelled",
+        sequence=cancelled.sequence,
+        cancellation_reason=reason,
+    )
+    _announce(conn, "appointment.cancelled", updated)
+    return Booked(updated, service, provider)
+
+
+def set_outcome(conn: Connection, appointment_id: str, status: str) -> Appointment:
+    """The provider marks an appointment completed or no_show (nothing changes in calendars)."""
+    current = get_appointment_or_404(conn, appointment_id)
+    if current.status == "cancelled":
+        raise Conflict("a cancelled appointment has no outcome")
+    return store.update_appointment(conn, current.id, status=status)
+
+
+def change_notes(conn: Connection, appointment_id: str, notes: str) -> Appointment:
+    return store.update_appointment(
+        conn, get_appointment_or_404(conn, appointment_id).id, notes=notes
+    )
+
+
+def get_appointment_or_404(conn: Connection, appointment_id: str) -> Appointment:
+    found = store.get_appointment(conn, appointment_id)
+    if found is None:
+        raise NotFound(f"no appointment {appointment_id}")
+    return found
+
+
+def _live(conn: Connection, appointment_id: str) -> Appointment:
+    current = get_appointment_or_404(conn, appointment_id)
+    if current.status != "confirmed":
+        raise Conflict(f"a {current.status} appointment cannot be changed")
+    return current
+
+
+def _event_members(
+    conn: Connection, appointment: Appointment, service: ServiceRecord
+) -> list[Appointment]:
+    if rules_from_json(service.rules).capacity > 1:
+        return store.group_members(conn, service.id, appointment.provider_id, appointment.start_utc)
+    return [appointment]
+
+
+def _event(
+    appointment: Appointment,
+    provider: User,
+    service: ServiceRecord,
+    attendees: Sequence[Appointment],
+    manage_url_base: str,
+) -> tuple[str, occ.ItemTimes]:
+    """The VEVENT text and its index entries (computed, not parsed, for a single event). A group
+    event (several attendees) carries no one client's manage link or notes."""
+    group = rules_from_json(service.rules).capacity > 1
+    manage_url = "" if group else f"{manage_url_base}/manage/{appointment.manage_token}"
+    lines = [f"Manage or cancel: {manage_url}"] if manage_url else []
+    if appointment.notes and not group:
+        lines.insert(0, appointment.notes)
+    summary = service.name if group else f"{service.name}: {appointment.client_name}"
+    event = AppointmentEvent(
+        uid=appointment.event_uid,
+        appointment_id=appointment.id,
+        summary=summary,
+        start_utc=appointment.start_utc,
+        end_utc=appointment.end_utc,
+        timezone=appointment.timezone,
+        organizer=Person(provider.name, provider.email),
+        attendees=tuple(Person(a.client_name, a.client_email) for a in attendees),
+        sequence=appointment.sequence,
+        status="CANCELLED" if appointment.status == "cancelled" else "CONFIRMED",
+        description="\n\n".join(lines),
+        url=manage_url,
+        rrule=appointment.recurrence,
+        exdates_utc=tuple(json.loads(appointment.exceptions).get("exdates", [])),
+    )
+    text = appointment_event(event)
+    if appointment.recurrence:
+        zone = occ.zone_named(appointment.timezone)
+        return text, occ.item_times(text, zone, appointment.start_utc + 3 * 366 * 86400)
+    busy = event.status != "CANCELLED"
+    only = occ.Occurrence(appointment.start_utc, appointment.end_utc, busy)
+    return text, occ.ItemTimes("VEVENT", only.start_utc, only.end_utc, (only,), False, None)
+
+
+def _require_bookable(
+    conn: Connection,
+    provider: User,
+    service: ServiceRecord,
+    rules: Rules,
+    wanted: Sequence[occ.Occurrence],
+    now: int,
+    ignoring_uid: str | None = None,
+) -> None:
+    """Each wanted occurrence must be a free slot now: else `NotBookable` or `SlotTaken`, listing
+    the occurrences at fault."""
+    if not wanted:
+        raise NotBookable("the recurrence yields no occurrence")
+    if len(wanted) > MAX_OCCURRENCES:
+        raise NotBookable(f"a series may have at most {MAX_OCCURRENCES} occurrences")
+    owned = provider_calendars(conn, provider)
+    blocking = [*owned.busy, *resource_calendars(conn, service)]
+    not_bookable, taken = [], []
+    for occurrence in wanted:
+        verdict = _slot_verdict(
+            conn,
+            owned.availability,
+            blocking,
+            service,
+            rules,
+            occurrence.start_utc,
+            now,
+            ignoring_uid,
+        )
+        if verdict == "not bookable":
+            not_bookable.append(occurrence.start_utc)
+        elif verdict == "taken":
+            taken.append(occurrence.start_utc)
+    if not_bookable:
+        raise NotBookable(
+            "outside working hours, off the slot grid, or against the service's rules",
+            conflicts=[_iso(start) for start in not_bookable],
+        )
+    if taken:
+        raise SlotTaken("this time is no longer free", conflicts=[_iso(start) for start in taken])
+
+
+def _slot_verdict(
+    conn: Connection,
+    availability: Collection,
+    blocking: Sequence[Collection],
+    service: ServiceRecord,
+    rules: Rules,
+    start_utc: int,
+    now: int,
+    ignoring_uid: str | None,
+) -> str:
+    reach = (
+        service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
+    ) * MINUTE
+    window = (start_utc - DAY, start_utc + DAY)
+    span = (window[0] - reach, window[1] + reach)
+    wanted: Interval = (start_utc, start_utc + service.duration_minutes * MINUTE)
+    query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
+    open_hours = merge(calendars.busy_intervals(conn, [availability.id], *span))
+    if wanted not in free_slots(query, open_hours, [], now):
+        return "not bookable"
+    busy = calendars.busy_intervals(
+        conn, [c.id for c in blocking], *span, ignoring_uid=ignoring_uid
+    )
+    return "free" if wanted in free_slots(query, open_hours, busy, now) else "taken"
+
+
+def _write_event(
+    conn: Connection,
+    provider: User,
+    service: ServiceRecord,
+    appointment: Appointment,
+    text: str,
+    times: occ.ItemTimes,
+) -> None:
+    """The same VEVENT into the provider's Appointments calendar and each resource's calendar."""
+    targets = [calendars.get_collection(conn, f"{provider.username}/appointments")]
+    targets += resource_calendars(conn, service)
+    for collection in targets:
+        if collection is None:
+            raise NotFound(f"provider {provider.id} has no appointments calendar")
+        calendars.put_item(
+            conn, collection, appointment.event_href, text, uid=appointment.event_uid, times=times
+        )
+
+
+def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
+    """Outbox rows in the same transaction: the client's invitation and the provider's notice."""
+    payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
+    store.enqueue(conn, "client.imip", appointment.id, payload)
+    store.enqueue(conn, "provider.notice", appointment.id, payload)
+
+
+def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:
+    """The provider, an admin, the client, or anyone holding the confirmation code or token."""
+    if code and code in (appointment.confirmation_code, appointment.manage_token):
+        return True
+    if user is None:
+        return False
+    return user.role == "admin" or user.id in (appointment.provider_id, appointment.client_id)
+
+
+def require_access(user: User | None, appointment: Appointment, code: str | None) -> None:
+    if not may_see(user, appointment, code):
+        if user is None:
+            raise NotFound(f"no appointment {appointment.id}")  # don't confirm it exists
+        raise Forbidden("this is not your appointment")
+
+
+def _iso(instant: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(instant))

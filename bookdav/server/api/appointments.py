@@ -1,0 +1,288 @@
+"""`/api/v1/appointments`: book, read, list, reschedule, cancel; Idempotency-Key on POST."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+from sqlalchemy import Connection
+
+from bookdav.booking import appointments as booking
+from bookdav.booking.errors import Forbidden, InvalidInput, PolicyViolation
+from bookdav.booking.times import InstantFormatter
+from bookdav.server.api import validation as v
+from bookdav.server.auth import current_user, require_user
+from bookdav.server.keys import DATABASE, SETTINGS
+from bookdav.server.ratelimit import RateLimiter
+from bookdav.storage import appointments as store
+from bookdav.storage.appointments import Appointment
+from bookdav.storage.users import User, user_by_id
+
+routes = web.RouteTableDef()
+
+GUEST_LIMITER = web.AppKey("guest_booking_limiter", RateLimiter)
+FREQUENCIES = ("DAILY", "WEEKLY", "MONTHLY")
+MAX_COUNT = booking.MAX_OCCURRENCES
+STATUSES = ("confirmed", "cancelled", "completed", "no_show")
+
+
+def appointment_json(appointment: Appointment, base_url: str) -> dict[str, Any]:
+    """An appointment as the API shows it, times in the client's zone."""
+    local = InstantFormatter(appointment.client_timezone)
+    return {
+        "appointmentId": appointment.id,
+        "confirmationCode": appointment.confirmation_code,
+        "status": appointment.status,
+        "startTime": local.format(appointment.start_utc),
+        "endTime": local.format(appointment.end_utc),
+        "serviceId": appointment.service_id,
+        "providerId": appointment.provider_id,
+        "client": {
+            "clientId": appointment.client_id,
+            "name": appointment.client_name,
+            "email": appointment.client_email,
+            "timezone": appointment.client_timezone,
+        },
+        "notes": appointment.notes,
+        "recurrence": appointment.recurrence,
+        "sequence": appointment.sequence,
+        "cancellationReason": appointment.cancellation_reason,
+        "manageUrl": f"{base_url}/manage/{appointment.manage_token}",
+    }
+
+
+def _start(body: dict[str, Any], name: str = "startTime") -> int:
+    instant = v.iso_instant(body.get(name), name)
+    if instant.second or instant.microsecond:
+        raise InvalidInput(name, "must be on a whole minute")
+    return int(instant.timestamp())
+
+
+async def _client(request: web.Request, actor: User | None, body: dict[str, Any]) -> booking.Client:
+    """Who the appointment is for: a signed-in client books for itself; staff name a clientId;
+    a guest gives {name, email, timezone}."""
+    if "clientId" in body:
+        client_id = v.text(body, "clientId", max_length=64)
+        if actor is None:
+            raise InvalidInput("clientId", "sign in to book for an account, or give client")
+        if actor.role == "client" and client_id != actor.id:
+            raise Forbidden("a client books only for themselves")
+        client = await request.app[DATABASE].run_read(user_by_id, client_id)
+        if client is None:
+            raise InvalidInput("clientId", f"no user {client_id}")
+        return booking.Client(client.name, client.email, client.timezone, client.id)
+    if actor is not None and actor.role == "client":
+        return booking.Client(actor.name, actor.email, actor.timezone, actor.id)
+    details = v.object_field(body, "client")
+    name = v.text(details, "name", min_length=1)
+    email = v.text(details, "email", max_length=320)
+    if "@" not in email or any(c.isspace() for c in email):
+        raise InvalidInput("client.email", f"{email!r} is not an email address")
+    timezone = v.time_zone(details.get("timezone", "UTC"), "client.timezone")
+    return booking.Client(name, email, timezone)
+
+
+def _recurrence(body: dict[str, Any], provider_zone: str) -> str | None:
+    """The API's {frequency, count | until} as an RRULE value (UNTIL: the end of that day in
+    the provider's zone, in UTC as RFC 5545 wants with a zoned DTSTART)."""
+    if body.get("recurrence") is None:
+        return None
+    raw = v.object_field(body, "recurrence")
+    frequency = raw.get("frequency")
+    if frequency not in FREQUENCIES:
+        raise InvalidInput("recurrence.frequency", "must be one of " + ", ".join(FREQUENCIES))
+    if ("count" in raw) == ("until" in raw):
+        raise InvalidInput("recurrence", "give exactly one of count and until")
+    if "count" in raw:
+        count = v.integer(raw["count"], "recurrence.count", minimum=1, maximum=MAX_COUNT)
+        return f"FREQ={frequency};COUNT={count}"
+    until_day: date = v.iso_date(raw["until"], "recurrence.until")
+    zone = ZoneInfo(provider_zone)
+    last = datetime.combine(until_day + timedelta(days=1), time(0), zone) - timedelta(seconds=1)
+    return f"FREQ={frequency};UNTIL={last.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
+def _manage_base(request: web.Request) -> str:
+    return request.app[SETTINGS].public_base_url
+
+
+@routes.post("/api/v1/appointments")
+async def create_appointment(request: web.Request) -> web.Response:
+    actor = await current_user(request)
+    if actor is None:
+        request.app[GUEST_LIMITER].check(request.remote or "unknown")
+    body = await v.json_object(request)
+    service_id = v.text(body, "serviceId", max_length=64)
+    provider_id = v.text(body, "providerId", max_length=64)
+    start_utc = _start(body)
+    notes = v.text(body, "notes", required=False, max_length=2000)
+    client = await _client(request, actor, body)
+    database = request.app[DATABASE]
+    provider, service = await database.run_read(
+        booking.load_booking_parties, provider_id, service_id
+    )
+    recurrence = _recurrence(body, provider.timezone)
+    booking_request = booking.BookingRequest(
+        service_id, provider_id, start_utc, client, notes, recurrence
+    )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 200:
+        raise InvalidInput("Idempotency-Key", "must be 1 to 200 characters")
+    scope = f"{actor.id if actor else 'guest:' + client.email}:{key}"
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    base_url = _manage_base(request)
+    principals = booking.principals_for(service, provider)
+
+    def unit_of_work(conn: Connection) -> tuple[int, str]:
+        if key is not None:
+            stored = store.stored_response(conn, scope)
+            if stored is not None:
+                if stored[0] != fingerprint:
+                    raise PolicyViolation("this Idempotency-Key was used for another request")
+                return stored[1], stored[2]
+        booked = booking.book(conn, booking_request, base_url, principals)
+        answer = json.dumps(appointment_json(booked.appointment, base_url))
+        if key is not None:
+            store.store_response(conn, scope, fingerprint, 201, answer)
+        return 201, answer
+
+    status, answer = await database.run_write(unit_of_work, principals=principals)
+    appointment_id = json.loads(answer)["appointmentId"]
+    return web.Response(
+        status=status,
+        text=answer,
+        content_type="application/json",
+        headers={"Location": f"/api/v1/appointments/{appointment_id}"},
+    )
+
+
+async def _visible_appointment(request: web.Request) -> tuple[User | None, Appointment]:
+    actor = await current_user(request)
+    appointment = await request.app[DATABASE].run_read(
+        booking.get_appointment_or_404, request.match_info["appointmentId"]
+    )
+    booking.require_access(actor, appointment, request.query.get("code"))
+    return actor, appointment
+
+
+@routes.get("/api/v1/appointments/{appointmentId}")
+async def get_appointment(request: web.Request) -> web.Response:
+    _, appointment = await _visible_appointment(request)
+    return web.json_response(appointment_json(appointment, _manage_base(request)))
+
+
+@routes.get("/api/v1/appointments")
+async def list_appointments(request: web.Request) -> web.Response:
+    actor = await require_user(request)
+    provider_id = request.query.get("providerId")
+    client_id = None
+    if actor.role == "provider":
+        if provider_id not in (None, actor.id):
+            raise Forbidden("providers list their own appointments")
+        provider_id = actor.id
+    elif actor.role == "client":
+        client_id = actor.id
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise InvalidInput("status", "must be one of " + ", ".join(STATUSES))
+    start_from = _query_instant(request, "from")
+    start_before = _query_instant(request, "to")
+    limit = v.query_int(request, "limit", default=50, minimum=1, maximum=200)
+    after = _cursor(request.query.get("cursor"))
+    found = await request.app[DATABASE].run_read(
+        lambda conn: store.list_appointments(
+            conn,
+            provider_id=provider_id,
+            client_id=client_id,
+            start_from=start_from,
+            start_before=start_before,
+            statuses=[status] if status else None,
+            after=after,
+            limit=limit + 1,
+        )
+    )
+    page = found[:limit]
+    next_cursor = f"{page[-1].start_utc}.{page[-1].id}" if len(found) > limit else None
+    base_url = _manage_base(request)
+    return web.json_response(
+        {"items": [appointment_json(a, base_url) for a in page], "nextCursor": next_cursor}
+    )
+
+
+def _query_instant(request: web.Request, name: str) -> int | None:
+    if name not in request.query:
+        return None
+    return int(v.iso_instant(request.query[name], name).timestamp())
+
+
+def _cursor(raw: str | None) -> tuple[int, str] | None:
+    if not raw:
+        return None
+    start, _, appointment_id = raw.partition(".")
+    if not start.isdigit() or not appointment_id:
+        raise InvalidInput("cursor", "is not a cursor this server gave")
+    return int(start), appointment_id
+
+
+def _is_staff_of(actor: User | None, appointment: Appointment) -> bool:
+    return actor is not None and (actor.role == "admin" or actor.id == appointment.provider_id)
+
+
+@routes.put("/api/v1/appointments/{appointmentId}")
+async def put_appointment(request: web.Request) -> web.Response:
+    actor, appointment = await _visible_appointment(request)
+    body = await v.json_object(request)
+    known = {"startTime", "notes", "status"}
+    if not known & set(body):
+        raise InvalidInput("body", "change startTime, notes or status")
+    if "status" in body:
+        if not _is_staff_of(actor, appointment):
+            raise Forbidden("only the provider or an admin records an outcome")
+        if body["status"] not in ("completed", "no_show"):
+            raise InvalidInput("status", "must be completed or no_show")
+    start_utc = _start(body) if "startTime" in body else None
+    notes = v.text(body, "notes", max_length=2000) if "notes" in body else None
+    database = request.app[DATABASE]
+    provider, service = await database.run_read(
+        booking.load_booking_parties, appointment.provider_id, appointment.service_id
+    )
+    base_url = _manage_base(request)
+
+    def unit_of_work(conn: Connection) -> Appointment:
+        current = appointment
+        if notes is not None:
+            current = booking.change_notes(conn, current.id, notes)
+        if start_utc is not None:
+            current = booking.reschedule(conn, current.id, start_utc, base_url).appointment
+        if "status" in body:
+            current = booking.set_outcome(conn, current.id, body["status"])
+        return current
+
+    updated = await database.run_write(
+        unit_of_work, principals=booking.principals_for(service, provider)
+    )
+    return web.json_response(appointment_json(updated, base_url))
+
+
+@routes.delete("/api/v1/appointments/{appointmentId}")
+async def delete_appointment(request: web.Request) -> web.Response:
+    actor, appointment = await _visible_appointment(request)
+    body = await v.json_object(request) if request.can_read_body else {}
+    reason = v.text(body, "cancellationReason", required=False, max_length=2000)
+    database = request.app[DATABASE]
+    provider, service = await database.run_read(
+        booking.load_booking_parties, appointment.provider_id, appointment.service_id
+    )
+    cancelled = await database.run_write(
+        booking.cancel,
+        appointment.id,
+        reason,
+        not _is_staff_of(actor, appointment),
+        _manage_base(request),
+        principals=booking.principals_for(service, provider),
+    )
+    return web.json_response(appointment_json(cancelled.appointment, _manage_base(request)))
