@@ -189,7 +189,7 @@ def test_an_open_rrule_is_found_exactly_within_and_as_a_candidate_beyond_its_hor
         hit = calendars.items_in_range(conn, cal, utc(2024, 1, 15), utc(2024, 1, 16))
         excluded = calendars.items_in_range(conn, cal, utc(2024, 1, 8), utc(2024, 1, 9))
         beyond = calendars.items_in_range(conn, cal, utc(2030, 1, 7), utc(2030, 1, 8))
-        busy_beyond = calendars.busy_intervals(conn, [cal.id], utc(2030, 1, 7), utc(2030, 1, 8))
+        busy_beyond = calendars.busy_intervals(conn, [cal], utc(2030, 1, 7), utc(2030, 1, 8))
     assert [(i.href, exact) for i, exact in hit] == [("w.ics", True)]
     assert excluded == []
     assert [(i.href, exact) for i, exact in beyond] == [("w.ics", False)]
@@ -217,7 +217,7 @@ def test_busy_intervals_skip_free_time_and_include_long_events(
             event("t", "DTSTART;VALUE=DATE:20231201", "DTEND;VALUE=DATE:20240201"),
         )
     with database.read() as conn:
-        busy = calendars.busy_intervals(conn, [calendar.id], utc(2024, 1, 10), utc(2024, 1, 11))
+        busy = calendars.busy_intervals(conn, [calendar], utc(2024, 1, 10), utc(2024, 1, 11))
     assert busy == [
         (utc(2023, 12, 1), utc(2024, 2, 1)),
         (utc(2024, 1, 10, 9), utc(2024, 1, 10, 10)),
@@ -235,7 +235,7 @@ def test_changing_the_calendar_zone_reindexes_floating_events(
         vtimezone = "BEGIN:VCALENDAR\r\nBEGIN:VTIMEZONE\r\nTZID:America/New_York\r\nEND:VTIMEZONE\r\nEND:VCALENDAR\r\n"
         calendars.set_props(conn, calendar, {**CALENDAR_PROPS, "C:calendar-timezone": vtimezone})
     with database.read() as conn:
-        busy = calendars.busy_intervals(conn, [calendar.id], utc(2024, 1, 10), utc(2024, 1, 11))
+        busy = calendars.busy_intervals(conn, [calendar], utc(2024, 1, 10), utc(2024, 1, 11))
     assert busy == [(utc(2024, 1, 10, 14), utc(2024, 1, 10, 15))]
 
 

@@ -18,10 +18,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection
 
-from bookdav.booking.availability import provider_calendars, resource_calendars
+from bookdav.booking.availability import (
+    APPOINTMENTS_CALENDAR,
+    provider_calendars,
+    resource_calendars,
+)
 from bookdav.booking.errors import Conflict, Forbidden, NotFound, PolicyViolation
 from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
 from bookdav.booking.services import rules_from_json
@@ -32,7 +38,7 @@ from bookdav.storage import occurrences as occ
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import RESOURCES_PRINCIPAL
-from bookdav.storage.services import ServiceRecord, get_service
+from bookdav.storage.services import ServiceRecord, service_for_booking
 from bookdav.storage.users import User, user_by_id
 
 MAX_OCCURRENCES = 104  # two years of a weekly series
@@ -59,13 +65,43 @@ class Client:
 
 
 @dataclass(frozen=True)
+class Recurrence:
+    """Repeat DAILY, WEEKLY or MONTHLY, `count` times or until the end of `until` (a date in the
+    provider's zone)."""
+
+    frequency: str
+    count: int | None = None
+    until: date | None = None
+
+    def rrule(self, zone: str) -> str:
+        if self.count is not None:
+            return f"FREQ={self.frequency};COUNT={self.count}"
+        assert self.until is not None
+        # RFC 5545: with a zoned DTSTART, UNTIL is given in UTC.
+        day_after = datetime.combine(
+            self.until + timedelta(days=1), datetime.min.time(), ZoneInfo(zone)
+        )
+        last = (day_after - timedelta(seconds=1)).astimezone(UTC)
+        return f"FREQ={self.frequency};UNTIL={last:%Y%m%dT%H%M%SZ}"
+
+
+@dataclass(frozen=True)
 class BookingRequest:
     service_id: str
     provider_id: str
     start_utc: int
     client: Client
     notes: str = ""
-    recurrence: str | None = None  # an RRULE value, e.g. "FREQ=WEEKLY;COUNT=4"
+    recurrence: Recurrence | None = None
+
+
+class LocksMissing(Conflict):
+    """The transaction does not hold every lock this booking needs (the service gained a
+    resource since the caller looked): run it again holding `needed`."""
+
+    def __init__(self, needed: list[str]) -> None:
+        super().__init__("the service changed while booking; send the request again")
+        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -86,8 +122,8 @@ def load_booking_parties(
     provider = user_by_id(conn, provider_id)
     if provider is None or provider.role != "provider" or provider.status != "active":
         raise NotFound(f"no provider {provider_id}")
-    service = get_service(conn, service_id)
-    if service is None or provider.id not in service.provider_ids:
+    service = service_for_booking(conn, service_id, provider_id)
+    if service is None:
         raise NotFound(f"provider {provider_id} offers no service {service_id}")
     return provider, service
 
@@ -103,8 +139,9 @@ def book(
     `held` are the principals whose locks the transaction holds."""
     now = int(time.time()) if now is None else now
     provider, service = load_booking_parties(conn, request.provider_id, request.service_id)
-    if not set(principals_for(service, provider)) <= set(held):
-        raise Conflict("the service changed while booking; send the request again")
+    needed = principals_for(service, provider)
+    if not set(needed) <= set(held):
+        raise LocksMissing(needed)
     rules = rules_from_json(service.rules)
     end_utc = request.start_utc + service.duration_minutes * MINUTE
     appointment_id = str(uuid.uuid4())
@@ -120,7 +157,7 @@ def book(
         start_utc=request.start_utc,
         end_utc=end_utc,
         timezone=provider.timezone,
-        recurrence=request.recurrence,
+        recurrence=request.recurrence.rrule(provider.timezone) if request.recurrence else None,
         status="confirmed",
         notes=request.notes,
         event_uid=f"{appointment_id}@bookdav",
@@ -383,19 +420,24 @@ def _slot_verdict(
     now: int,
     ignoring_uid: str | None,
 ) -> str:
-    reach = (
-        service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
-    ) * MINUTE
-    window = (start_utc - DAY, start_utc + DAY)
-    span = (window[0] - reach, window[1] + reach)
+    """Free, taken (busy now: 409) or not bookable (never a slot: 422). Only the wanted start is
+    a candidate, but a day either side is read, so touching blocks of working hours merge as they
+    do in slot search and the slot grid starts where they start."""
+    window = (start_utc, start_utc + 1)
+    duration = service.duration_minutes * MINUTE
+    found = calendars.busy_intervals_by_collection(
+        conn,
+        [availability, *blocking],
+        start_utc - DAY - rules.buffer_before_minutes * MINUTE,
+        start_utc + duration + rules.buffer_after_minutes * MINUTE + DAY,
+        ignoring_uid=ignoring_uid,
+    )
+    open_hours = merge(found.pop(availability.id))
+    busy = [interval for intervals in found.values() for interval in intervals]
     wanted: Interval = (start_utc, start_utc + service.duration_minutes * MINUTE)
     query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
-    open_hours = merge(calendars.busy_intervals(conn, [availability.id], *span))
     if wanted not in free_slots(query, open_hours, [], now):
         return "not bookable"
-    busy = calendars.busy_intervals(
-        conn, [c.id for c in blocking], *span, ignoring_uid=ignoring_uid
-    )
     return "free" if wanted in free_slots(query, open_hours, busy, now) else "taken"
 
 
@@ -408,11 +450,12 @@ def _write_event(
     times: occ.ItemTimes,
 ) -> None:
     """The same VEVENT into the provider's Appointments calendar and each resource's calendar."""
-    targets = [calendars.get_collection(conn, f"{provider.username}/appointments")]
-    targets += resource_calendars(conn, service)
-    for collection in targets:
-        if collection is None:
-            raise NotFound(f"provider {provider.id} has no appointments calendar")
+    appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
+    owned = provider_calendars(conn, provider)
+    targets = [c for c in owned.busy if c.path == appointments_path]
+    if not targets:
+        raise NotFound(f"provider {provider.id} has no appointments calendar")
+    for collection in [*targets, *resource_calendars(conn, service)]:
         calendars.put_item(
             conn, collection, appointment.event_href, text, uid=appointment.event_uid, times=times
         )
@@ -421,8 +464,7 @@ def _write_event(
 def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
     """Outbox rows in the same transaction: the client's invitation and the provider's notice."""
     payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
-    store.enqueue(conn, "client.imip", appointment.id, payload)
-    store.enqueue(conn, "provider.notice", appointment.id, payload)
+    store.enqueue(conn, appointment.id, [("client.imip", payload), ("provider.notice", payload)])
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

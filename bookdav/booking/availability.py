@@ -30,6 +30,7 @@ from bookdav.storage.services import ServiceRecord, get_service
 from bookdav.storage.users import User, user_by_id
 
 AVAILABILITY_CALENDAR = "availability"
+APPOINTMENTS_CALENDAR = "appointments"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def find_slots(
     if rules.capacity > 1:
         # A group slot stays bookable until full: its own event must not block it.
         cached = (
-            merge(calendars.busy_intervals(conn, [owned.availability.id], *span)),
+            merge(calendars.busy_intervals(conn, [owned.availability], *span)),
             merge(_without_open_groups(conn, service, provider, rules, blocking, span)),
         )
     else:
@@ -114,8 +115,8 @@ def find_slots(
         cached = _intervals.get(key)
         if cached is None:
             cached = (
-                merge(calendars.busy_intervals(conn, [owned.availability.id], *span)),
-                merge(calendars.busy_intervals(conn, [c.id for c in blocking], *span)),
+                merge(calendars.busy_intervals(conn, [owned.availability], *span)),
+                merge(calendars.busy_intervals(conn, blocking, *span)),
             )
             _intervals.put(key, cached)
     open_hours, busy = cached
@@ -132,7 +133,7 @@ def _without_open_groups(
     span: tuple[int, int],
 ) -> list[Interval]:
     """Busy time, less one copy of each group event of this service that still has room."""
-    busy = calendars.busy_intervals(conn, [c.id for c in blocking], *span)
+    busy = calendars.busy_intervals(conn, blocking, *span)
     for start_utc, end_utc in group_slots_with_room(conn, service, provider, rules.capacity, span):
         if (start_utc, end_utc) in busy:
             busy.remove((start_utc, end_utc))
@@ -174,6 +175,8 @@ _intervals = IntervalCache()
 
 
 def resource_calendars(conn: Connection, service: ServiceRecord) -> list[Collection]:
+    if not service.resource_ids:
+        return []
     found = []
     for resource in resources_of_service(conn, service.id):
         collection = calendars.get_collection(conn, resource.calendar_path)

@@ -51,7 +51,7 @@ def _from_row(row: Any) -> Appointment:
 
 
 def insert_appointment(conn: Connection, appointment: Appointment) -> None:
-    conn.execute(insert(appointments).values(**{n: getattr(appointment, n) for n in _FIELDS}))
+    conn.execute(insert(appointments), {n: getattr(appointment, n) for n in _FIELDS})
 
 
 def get_appointment(conn: Connection, appointment_id: str) -> Appointment | None:
@@ -177,20 +177,25 @@ def store_response(
 
 
 def enqueue(
-    conn: Connection, kind: str, appointment_id: str | None, payload: dict[str, Any]
+    conn: Connection, appointment_id: str | None, messages: Sequence[tuple[str, dict[str, Any]]]
 ) -> None:
-    """An outbox row, written in the caller's transaction: delivered only if that commits."""
+    """Outbox rows `(kind, payload)`, written in the caller's transaction: delivered only if that
+    commits."""
     now = int(time.time())
     conn.execute(
-        insert(outbox).values(
-            kind=kind,
-            appointment_id=appointment_id,
-            payload=json.dumps(payload, sort_keys=True),
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
+        insert(outbox),
+        [
+            {
+                "kind": kind,
+                "appointment_id": appointment_id,
+                "payload": json.dumps(payload, sort_keys=True),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for kind, payload in messages
+        ],
     )
 
 

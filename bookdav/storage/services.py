@@ -121,6 +121,38 @@ def get_service(conn: Connection, service_id: str) -> ServiceRecord | None:
     return _records(conn, rows)[0] if rows else None
 
 
+def service_for_booking(
+    conn: Connection, service_id: str, provider_id: str
+) -> ServiceRecord | None:
+    """The live service if `provider_id` offers it (two queries, for the booking path); its
+    `provider_ids` holds only that provider."""
+    row = conn.execute(
+        select(services)
+        .join(service_providers, service_providers.c.service_id == services.c.id)
+        .where(
+            services.c.id == service_id,
+            services.c.deleted_at.is_(None),
+            service_providers.c.provider_id == provider_id,
+        )
+    ).first()
+    if row is None:
+        return None
+    needs = _linked(conn, service_resources, "resource_id", [service_id])[service_id]
+    return ServiceRecord(
+        id=row.id,
+        slug=row.slug,
+        name=row.name,
+        description=row.description,
+        duration_minutes=row.duration_minutes,
+        price_amount=row.price_amount,
+        price_currency=row.price_currency,
+        rules=json.loads(row.rules),
+        created_by=row.created_by,
+        provider_ids=(provider_id,),
+        resource_ids=needs,
+    )
+
+
 def list_services(
     conn: Connection, *, provider_id: str | None, after_id: str | None, limit: int
 ) -> list[ServiceRecord]:

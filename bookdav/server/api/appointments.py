@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from sqlalchemy import Connection
@@ -86,9 +84,7 @@ async def _client(request: web.Request, actor: User | None, body: dict[str, Any]
     return booking.Client(name, email, timezone)
 
 
-def _recurrence(body: dict[str, Any], provider_zone: str) -> str | None:
-    """The API's {frequency, count | until} as an RRULE value (UNTIL: the end of that day in
-    the provider's zone, in UTC as RFC 5545 wants with a zoned DTSTART)."""
+def _recurrence(body: dict[str, Any]) -> booking.Recurrence | None:
     if body.get("recurrence") is None:
         return None
     raw = v.object_field(body, "recurrence")
@@ -99,11 +95,36 @@ def _recurrence(body: dict[str, Any], provider_zone: str) -> str | None:
         raise InvalidInput("recurrence", "give exactly one of count and until")
     if "count" in raw:
         count = v.integer(raw["count"], "recurrence.count", minimum=1, maximum=MAX_COUNT)
-        return f"FREQ={frequency};COUNT={count}"
-    until_day: date = v.iso_date(raw["until"], "recurrence.until")
-    zone = ZoneInfo(provider_zone)
-    last = datetime.combine(until_day + timedelta(days=1), time(0), zone) - timedelta(seconds=1)
-    return f"FREQ={frequency};UNTIL={last.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+        return booking.Recurrence(frequency, count=count)
+    return booking.Recurrence(frequency, until=v.iso_date(raw["until"], "recurrence.until"))
+
+
+class PrincipalCache:
+    """Which locks a booking takes, remembered per (provider, service): a provider's username
+    never changes, and if a service gains a resource the booking says so (`LocksMissing`) and is
+    run again holding it. Saves a read transaction per booking."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], list[str]] = {}
+
+    async def principals(
+        self, request: web.Request, provider_id: str, service_id: str
+    ) -> list[str]:
+        key = (provider_id, service_id)
+        if key not in self._known:
+            provider, service = await request.app[DATABASE].run_read(
+                booking.load_booking_parties, provider_id, service_id
+            )
+            self.learn(key, booking.principals_for(service, provider))
+        return self._known[key]
+
+    def learn(self, key: tuple[str, str], principals: list[str]) -> None:
+        if len(self._known) > 100_000:
+            self._known.clear()
+        self._known[key] = principals
+
+
+PRINCIPALS = web.AppKey("booking_principals", PrincipalCache)
 
 
 def _manage_base(request: web.Request) -> str:
@@ -122,12 +143,8 @@ async def create_appointment(request: web.Request) -> web.Response:
     notes = v.text(body, "notes", required=False, max_length=2000)
     client = await _client(request, actor, body)
     database = request.app[DATABASE]
-    provider, service = await database.run_read(
-        booking.load_booking_parties, provider_id, service_id
-    )
-    recurrence = _recurrence(body, provider.timezone)
     booking_request = booking.BookingRequest(
-        service_id, provider_id, start_utc, client, notes, recurrence
+        service_id, provider_id, start_utc, client, notes, _recurrence(body)
     )
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 200:
@@ -135,7 +152,8 @@ async def create_appointment(request: web.Request) -> web.Response:
     scope = f"{actor.id if actor else 'guest:' + client.email}:{key}"
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     base_url = _manage_base(request)
-    principals = booking.principals_for(service, provider)
+    cache = request.app[PRINCIPALS]
+    principals = await cache.principals(request, provider_id, service_id)
 
     def unit_of_work(conn: Connection) -> tuple[int, str]:
         if key is not None:
@@ -150,7 +168,12 @@ async def create_appointment(request: web.Request) -> web.Response:
             store.store_response(conn, scope, fingerprint, 201, answer)
         return 201, answer
 
-    status, answer = await database.run_write(unit_of_work, principals=principals)
+    try:
+        status, answer = await database.run_write(unit_of_work, principals=principals)
+    except booking.LocksMissing as exc:
+        cache.learn((provider_id, service_id), exc.needed)
+        principals = exc.needed
+        status, answer = await database.run_write(unit_of_work, principals=principals)
     appointment_id = json.loads(answer)["appointmentId"]
     return web.Response(
         status=status,
