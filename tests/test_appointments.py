@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 import caldav
@@ -331,3 +331,53 @@ def test_guests_past_the_rate_limit_get_429(tmp_path: Any) -> None:
         assert signed_in.status_code == 201
     finally:
         limited.stop()
+
+
+def test_a_weekly_series_keeps_its_wall_clock_time_across_the_dst_change(
+    provider: Provider,
+) -> None:
+    first = date(2027, 10, 18)  # CEST; the next Monday is CET
+    created = book(
+        provider, _api_instant(first, 10), recurrence={"frequency": "WEEKLY", "until": "2027-11-01"}
+    )
+    assert created.status_code == 201, created.text
+    for week in range(3):
+        slots = provider.slots(first + timedelta(weeks=week))
+        assert not any("T10:00:00" in s for s in slots), week
+        assert any("T10:30:00" in s for s in slots), week
+
+
+def test_one_occurrence_of_a_series_can_be_cancelled_or_moved(provider: Provider) -> None:
+    monday = next_monday(15)
+    created = book(
+        provider, _api_instant(monday, 12), recurrence={"frequency": "WEEKLY", "count": 3}
+    ).json()
+    url = f"{provider.server.base_url}/api/v1/appointments/{created['appointmentId']}"
+    second, third = monday + timedelta(weeks=1), monday + timedelta(weeks=2)
+    cancelled = requests.delete(
+        url, auth=provider.auth, json={}, params={"occurrence": _api_instant(second, 12)}
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "confirmed"
+    assert len(cancelled.json()["cancelledOccurrences"]) == 1
+    assert any("T12:00:00" in s for s in provider.slots(second))
+    moved = requests.put(
+        url,
+        auth=provider.auth,
+        params={"occurrence": _api_instant(third, 12)},
+        json={"startTime": _api_instant(third, 15)},
+    )
+    assert moved.status_code == 200, moved.text
+    third_slots = provider.slots(third)
+    assert any("T12:00:00" in s for s in third_slots)
+    assert not any("T15:00:00" in s for s in third_slots)
+    assert not any("T12:00:00" in s for s in provider.slots(monday))
+    event = requests.get(
+        f"{provider.server.dav_url}{provider.username}/appointments/{created['appointmentId']}.ics",
+        auth=provider.auth,
+    ).text
+    assert "EXDATE" in event and "RECURRENCE-ID" in event and "SEQUENCE:2" in event
+    unknown = requests.delete(
+        url, auth=provider.auth, json={}, params={"occurrence": _api_instant(third, 13)}
+    )
+    assert_problem(unknown, 404)

@@ -292,6 +292,67 @@ def cancel(
     return Booked(updated, service, provider)
 
 
+def change_occurrence(
+    conn: Connection,
+    appointment_id: str,
+    occurrence_utc: int,
+    new_start_utc: int | None,
+    by_client: bool,
+    manage_url_base: str,
+    now: int | None = None,
+) -> Booked:
+    """Cancel (`new_start_utc` None: an EXDATE) or move (a RECURRENCE-ID override) one occurrence
+    of a recurring appointment, named by its original start. The series keeps its UID; SEQUENCE
+    rises."""
+    now = int(time.time()) if now is None else now
+    current = _live(conn, appointment_id)
+    if not current.recurrence:
+        raise PolicyViolation("occurrence applies to recurring appointments only")
+    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    rules = rules_from_json(service.rules)
+    plain = dataclasses.replace(current, exceptions="{}")
+    originals = {o.start_utc for o in _event(plain, provider, service, [plain], "")[1].occurrences}
+    if occurrence_utc not in originals:
+        raise NotFound(f"the series has no occurrence starting {_iso(occurrence_utc)}")
+    exceptions = json.loads(current.exceptions)
+    exdates: list[int] = exceptions.get("exdates", [])
+    moved: dict[str, list[int]] = exceptions.get("moved", {})
+    if occurrence_utc in exdates:
+        raise Conflict("that occurrence is already cancelled")
+    if new_start_utc is None:
+        if by_client and occurrence_utc - now < rules.cancellation_notice_minutes * MINUTE:
+            raise PolicyViolation(
+                "the cancellation policy of this service: cancel at least "
+                f"{rules.cancellation_notice_minutes} minutes ahead",
+                policy={"cancellationNoticeMinutes": rules.cancellation_notice_minutes},
+            )
+        exdates.append(occurrence_utc)
+        moved.pop(str(occurrence_utc), None)
+    else:
+        length = current.end_utc - current.start_utc
+        moved[str(occurrence_utc)] = [new_start_utc, new_start_utc + length]
+    changed = dataclasses.replace(
+        current,
+        sequence=current.sequence + 1,
+        exceptions=json.dumps({"exdates": sorted(exdates), "moved": moved}, sort_keys=True),
+    )
+    text, times = _event(changed, provider, service, [changed], manage_url_base)
+    if new_start_utc is not None:
+        wanted = [o for o in times.occurrences if o.start_utc == new_start_utc]
+        others = [o for o in times.occurrences if o.start_utc != new_start_utc]
+        if any(o.start_utc < new_start_utc + length and o.end_utc > new_start_utc for o in others):
+            raise SlotTaken("another occurrence of this series holds that time")
+        _require_bookable(
+            conn, provider, service, rules, wanted, now, ignoring_uid=current.event_uid
+        )
+    _write_event(conn, provider, service, changed, text, times)
+    updated = store.update_appointment(
+        conn, current.id, sequence=changed.sequence, exceptions=changed.exceptions
+    )
+    _announce(conn, "appointment.rescheduled", updated)
+    return Booked(updated, service, provider)
+
+
 def set_outcome(conn: Connection, appointment_id: str, status: str) -> Appointment:
     """The provider marks an appointment completed or no_show (nothing changes in calendars)."""
     current = get_appointment_or_404(conn, appointment_id)
@@ -343,6 +404,7 @@ def _event(
     if appointment.notes and not group:
         lines.insert(0, appointment.notes)
     summary = service.name if group else f"{service.name}: {appointment.client_name}"
+    exceptions = json.loads(appointment.exceptions)
     event = AppointmentEvent(
         uid=appointment.event_uid,
         appointment_id=appointment.id,
@@ -357,7 +419,11 @@ def _event(
         description="\n\n".join(lines),
         url=manage_url,
         rrule=appointment.recurrence,
-        exdates_utc=tuple(json.loads(appointment.exceptions).get("exdates", [])),
+        exdates_utc=tuple(exceptions.get("exdates", [])),
+        moved=tuple(
+            (int(original), start, end)
+            for original, (start, end) in sorted(exceptions.get("moved", {}).items())
+        ),
     )
     text = appointment_event(event)
     if appointment.recurrence:

@@ -7,6 +7,7 @@ translated to and from the same weekly hours here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,8 @@ class AppointmentEvent:
     url: str = ""
     rrule: str | None = None
     exdates_utc: tuple[int, ...] = ()
+    # Moved occurrences of a series: (original start, new start, new end), as RECURRENCE-IDs.
+    moved: tuple[tuple[int, int, int], ...] = ()
 
 
 def _mailto(person: Person, role: str | None = None) -> icalendar.vCalAddress:
@@ -247,6 +250,24 @@ def appointment_event(event: AppointmentEvent) -> str:
     shows it in its own zone); a recurring one in the provider's zone with its VTIMEZONE, so it
     keeps its wall-clock time across DST."""
     zone = ZoneInfo(event.timezone if event.rrule else "UTC")
+    calendar = _calendar()
+    calendar.add_component(_appointment_vevent(event, zone))
+    for original, start, end in event.moved:
+        override = _appointment_vevent(
+            dataclasses.replace(event, start_utc=start, end_utc=end, rrule=None, exdates_utc=()),
+            zone,
+        )
+        override.add("recurrence-id", datetime.fromtimestamp(original, zone))
+        calendar.add_component(override)
+    text = calendar.to_ical().decode()
+    if not event.rrule:
+        return text
+    # Building a VTIMEZONE from zoneinfo costs ~2 ms; its text never changes for a zone.
+    head, begin, tail = text.partition("BEGIN:VEVENT\r\n")
+    return head + _vtimezone_text(event.timezone) + begin + tail
+
+
+def _appointment_vevent(event: AppointmentEvent, zone: ZoneInfo) -> icalendar.Event:
     vevent = icalendar.Event()
     vevent.add("uid", event.uid)
     vevent.add("dtstamp", datetime.now(ZoneInfo("UTC")))
@@ -267,14 +288,7 @@ def appointment_event(event: AppointmentEvent) -> str:
     for exdate in event.exdates_utc:
         vevent.add("exdate", datetime.fromtimestamp(exdate, zone))
     vevent.add("x-bookdav-appointment-id", event.appointment_id)
-    calendar = _calendar()
-    calendar.add_component(vevent)
-    text = calendar.to_ical().decode()
-    if not event.rrule:
-        return text
-    # Building a VTIMEZONE from zoneinfo costs ~2 ms; its text never changes for a zone.
-    head, begin, tail = text.partition("BEGIN:VEVENT\r\n")
-    return head + _vtimezone_text(event.timezone) + begin + tail
+    return vevent
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,6 +27,7 @@ RECURRENCE-ID, and cannot tell us which instances are busy. VTODO and VJOURNAL g
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -86,6 +87,25 @@ def zone_named(name: str | None) -> dt.tzinfo:
         return dt.UTC
 
 
+def _iana_zone_of(tzinfo: dt.tzinfo) -> ZoneInfo | None:
+    """The IANA zone a VTIMEZONE is named after, if it is named after one.
+
+    A TZID such as Europe/Berlin means that zone; the VTIMEZONE beside it is only a snapshot
+    (icalendar writes RDATE lists that stop in 2037, and dateutil's reading of those gives the
+    wrong offset: measured +01:00 for Berlin in May 2027). The wall time stays, the rules come
+    from the tz database."""
+    name = getattr(tzinfo, "_tzid", None)
+    return _zone_or_none(name) if isinstance(name, str) else None
+
+
+@functools.lru_cache(maxsize=512)
+def _zone_or_none(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
 def to_utc_seconds(value: dt.date, zone: dt.tzinfo) -> int:
     """An instant in epoch seconds; DATE means midnight and naive (floating) means wall time, both
     in `zone`."""
@@ -93,6 +113,8 @@ def to_utc_seconds(value: dt.date, zone: dt.tzinfo) -> int:
         value = dt.datetime.combine(value, dt.time())
     if value.tzinfo is None:
         value = value.replace(tzinfo=zone)
+    elif (named := _iana_zone_of(value.tzinfo)) is not None:
+        value = value.replace(tzinfo=named)
     elif hasattr(value.tzinfo, "localize"):
         # vobject resolves a TZID without VTIMEZONE to a pytz zone, which dateutil's rule
         # arithmetic leaves at the wrong offset: place the wall time in that zone again.

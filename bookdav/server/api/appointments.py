@@ -31,6 +31,7 @@ STATUSES = ("confirmed", "cancelled", "completed", "no_show")
 def appointment_json(appointment: Appointment, base_url: str) -> dict[str, Any]:
     """An appointment as the API shows it, times in the client's zone."""
     local = InstantFormatter(appointment.client_timezone)
+    exceptions = json.loads(appointment.exceptions)
     return {
         "appointmentId": appointment.id,
         "confirmationCode": appointment.confirmation_code,
@@ -47,6 +48,15 @@ def appointment_json(appointment: Appointment, base_url: str) -> dict[str, Any]:
         },
         "notes": appointment.notes,
         "recurrence": appointment.recurrence,
+        "cancelledOccurrences": [local.format(t) for t in exceptions.get("exdates", [])],
+        "movedOccurrences": [
+            {
+                "occurrence": local.format(int(original)),
+                "startTime": local.format(start),
+                "endTime": local.format(end),
+            }
+            for original, (start, end) in sorted(exceptions.get("moved", {}).items())
+        ],
         "sequence": appointment.sequence,
         "cancellationReason": appointment.cancellation_reason,
         "manageUrl": f"{base_url}/manage/{appointment.manage_token}",
@@ -251,6 +261,13 @@ def _cursor(raw: str | None) -> tuple[int, str] | None:
     return int(start), appointment_id
 
 
+def _occurrence(request: web.Request) -> int | None:
+    """`?occurrence=<startTime>`: one occurrence of a series, by its original start."""
+    if "occurrence" not in request.query:
+        return None
+    return int(v.iso_instant(request.query["occurrence"], "occurrence").timestamp())
+
+
 def _is_staff_of(actor: User | None, appointment: Appointment) -> bool:
     return actor is not None and (actor.role == "admin" or actor.id == appointment.provider_id)
 
@@ -269,6 +286,9 @@ async def put_appointment(request: web.Request) -> web.Response:
             raise InvalidInput("status", "must be completed or no_show")
     start_utc = _start(body) if "startTime" in body else None
     notes = v.text(body, "notes", max_length=2000) if "notes" in body else None
+    occurrence = _occurrence(request)
+    if occurrence is not None and start_utc is None:
+        raise InvalidInput("startTime", "is required to move an occurrence")
     database = request.app[DATABASE]
     provider, service = await database.run_read(
         booking.load_booking_parties, appointment.provider_id, appointment.service_id
@@ -279,7 +299,11 @@ async def put_appointment(request: web.Request) -> web.Response:
         current = appointment
         if notes is not None:
             current = booking.change_notes(conn, current.id, notes)
-        if start_utc is not None:
+        if occurrence is not None and start_utc is not None:
+            current = booking.change_occurrence(
+                conn, current.id, occurrence, start_utc, False, base_url
+            ).appointment
+        elif start_utc is not None:
             current = booking.reschedule(conn, current.id, start_utc, base_url).appointment
         if "status" in body:
             current = booking.set_outcome(conn, current.id, body["status"])
@@ -300,12 +324,25 @@ async def delete_appointment(request: web.Request) -> web.Response:
     provider, service = await database.run_read(
         booking.load_booking_parties, appointment.provider_id, appointment.service_id
     )
-    cancelled = await database.run_write(
-        booking.cancel,
-        appointment.id,
-        reason,
-        not _is_staff_of(actor, appointment),
-        _manage_base(request),
-        principals=booking.principals_for(service, provider),
-    )
+    occurrence = _occurrence(request)
+    by_client = not _is_staff_of(actor, appointment)
+    if occurrence is None:
+        cancelled = await database.run_write(
+            booking.cancel,
+            appointment.id,
+            reason,
+            by_client,
+            _manage_base(request),
+            principals=booking.principals_for(service, provider),
+        )
+    else:
+        cancelled = await database.run_write(
+            booking.change_occurrence,
+            appointment.id,
+            occurrence,
+            None,
+            by_client,
+            _manage_base(request),
+            principals=booking.principals_for(service, provider),
+        )
     return web.json_response(appointment_json(cancelled.appointment, _manage_base(request)))
