@@ -381,3 +381,36 @@ def test_one_occurrence_of_a_series_can_be_cancelled_or_moved(provider: Provider
         url, auth=provider.auth, json={}, params={"occurrence": _api_instant(third, 13)}
     )
     assert_problem(unknown, 404)
+
+
+def test_an_event_with_an_attendee_typed_into_the_calendar_is_listed_and_blocks(
+    provider: Provider,
+) -> None:
+    monday = next_monday(16)
+    provider.put_event(
+        vevent(
+            f"DTSTART:{stamp(monday, 9)}",
+            f"DTEND:{stamp(monday, 10)}",
+            "SUMMARY:Walk-in Bob",
+            "ORGANIZER:mailto:me@example.org",
+            "ATTENDEE;CN=Bob:mailto:bob@example.org",
+        )
+    )
+    provider.put_event(
+        vevent(f"DTSTART:{stamp(monday, 11)}", f"DTEND:{stamp(monday, 12)}", "SUMMARY:Lunch alone")
+    )
+    listed = requests.get(
+        f"{provider.server.base_url}/api/v1/appointments",
+        auth=provider.auth,
+        params={
+            "providerId": provider.user_id,
+            "from": _api_instant(monday, 0),
+            "to": _api_instant(monday + timedelta(days=1), 0),
+        },
+    )
+    assert listed.status_code == 200, listed.text
+    events = listed.json()["calendarEvents"]
+    assert [e["summary"] for e in events] == ["Walk-in Bob"]
+    assert events[0]["attendees"] == ["bob@example.org"]
+    assert events[0]["startTime"].startswith(f"{monday.isoformat()}T09:00:00")
+    assert not any("T09:00:00" in s or "T11:00:00" in s for s in provider.slots(monday))

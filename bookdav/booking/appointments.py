@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import icalendar
 from sqlalchemy import Connection
 
 from bookdav.booking.availability import (
@@ -351,6 +353,39 @@ def change_occurrence(
     )
     _announce(conn, "appointment.rescheduled", updated)
     return Booked(updated, service, provider)
+
+
+def calendar_made_appointments(
+    conn: Connection, provider: User, start_utc: int, end_utc: int
+) -> list[dict[str, Any]]:
+    """Events with an ATTENDEE that the provider put into their Appointments calendar with a
+    calendar app (not booked through bookdav), overlapping the window: they are appointments too.
+    Parsed here, on a listing, never on the booking or slot path."""
+    appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
+    collection = calendars.get_collection(conn, appointments_path)
+    if collection is None:
+        return []
+    found = []
+    for item, _ in calendars.items_in_range(conn, collection, start_utc, end_utc, "VEVENT"):
+        if "ATTENDEE" not in item.text or "X-BOOKDAV-APPOINTMENT-ID" in item.text:
+            continue
+        event = next(iter(icalendar.Calendar.from_ical(item.text).walk("VEVENT")), None)
+        if event is None:
+            continue
+        attendees = event.get("attendee", [])
+        attendees = attendees if isinstance(attendees, list) else [attendees]
+        found.append(
+            {
+                "uid": item.uid,
+                "href": item.href,
+                "summary": str(event.get("summary", "")),
+                "startUtc": item.start_utc,
+                "endUtc": item.end_utc,
+                "status": str(event.get("status", "CONFIRMED")).lower(),
+                "attendees": [str(a).removeprefix("mailto:") for a in attendees],
+            }
+        )
+    return sorted(found, key=lambda entry: entry["startUtc"])
 
 
 def set_outcome(conn: Connection, appointment_id: str, status: str) -> Appointment:

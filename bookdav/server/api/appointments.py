@@ -241,9 +241,36 @@ async def list_appointments(request: web.Request) -> web.Response:
     page = found[:limit]
     next_cursor = f"{page[-1].start_utc}.{page[-1].id}" if len(found) > limit else None
     base_url = _manage_base(request)
-    return web.json_response(
-        {"items": [appointment_json(a, base_url) for a in page], "nextCursor": next_cursor}
-    )
+    answer: dict[str, Any] = {
+        "items": [appointment_json(a, base_url) for a in page],
+        "nextCursor": next_cursor,
+    }
+    if provider_id is not None and start_from is not None and start_before is not None:
+        answer["calendarEvents"] = await _calendar_events(
+            request, provider_id, start_from, start_before
+        )
+    return web.json_response(answer)
+
+
+async def _calendar_events(
+    request: web.Request, provider_id: str, start_from: int, start_before: int
+) -> list[dict[str, Any]]:
+    """Appointments the provider typed into their calendar app (events with an ATTENDEE)."""
+
+    def read(conn: Connection) -> tuple[User | None, list[dict[str, Any]]]:
+        provider = user_by_id(conn, provider_id)
+        if provider is None or provider.role != "provider":
+            return provider, []
+        return provider, booking.calendar_made_appointments(
+            conn, provider, start_from, start_before
+        )
+
+    provider, events = await request.app[DATABASE].run_read(read)
+    local = InstantFormatter(provider.timezone if provider else "UTC")
+    for event in events:
+        event["startTime"] = local.format(event.pop("startUtc"))
+        event["endTime"] = local.format(event.pop("endUtc"))
+    return events
 
 
 def _query_instant(request: web.Request, name: str) -> int | None:
