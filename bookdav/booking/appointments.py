@@ -552,8 +552,11 @@ def _write_event(
 ) -> None:
     """The same VEVENT into the provider's Appointments calendar and each resource's calendar."""
     appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
-    owned = provider_calendars(conn, provider)
-    targets = [c for c in owned.busy if c.path == appointments_path]
+    targets = [
+        c
+        for c in calendars.child_collections(conn, provider.username)
+        if c.path == appointments_path
+    ]
     if not targets:
         raise NotFound(f"provider {provider.id} has no appointments calendar")
     for collection in [*targets, *resource_calendars(conn, service)]:

@@ -23,7 +23,6 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import vobject
 from sqlalchemy import (
@@ -42,7 +41,6 @@ from sqlalchemy import (
 from sqlalchemy import (
     text as sql_text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from bookdav.storage import occurrences as occ
 from bookdav.storage.schema import collections, item_changes, items, occurrences
@@ -149,11 +147,12 @@ def get_collection_by_id(conn: Connection, collection_id: int) -> Collection | N
     return _collection_from_row(row) if row else None
 
 
+_CHILD_COLLECTIONS = sql_text("SELECT * FROM collections WHERE parent_path = :path ORDER BY path")
+
+
 def child_collections(conn: Connection, path: str) -> list[Collection]:
     """The collections directly inside `path` (`""` for the top-level principals)."""
-    rows = conn.execute(
-        select(collections).where(collections.c.parent_path == path).order_by(collections.c.path)
-    )
+    rows = conn.execute(_CHILD_COLLECTIONS, {"path": path})
     return [_collection_from_row(row) for row in rows]
 
 
@@ -345,15 +344,18 @@ _UPDATE_ITEM = update(items).where(items.c.id == bindparam("item_id"))
 _DELETE_OCCURRENCES = delete(occurrences).where(occurrences.c.item_id == bindparam("item_id"))
 
 
+_SAME_HREF_OR_UID = sql_text(
+    "SELECT " + ", ".join(column.name for column in _ITEM_COLUMNS) + " FROM items"
+    " WHERE collection_id = :collection_id AND (href = :href OR uid = :uid)"
+)
+
+
 def _same_href_or_uid(
     conn: Connection, collection_id: int, href: str, uid: str
 ) -> tuple[StoredItem | None, bool]:
     """In one query: the item now at `href` (if any), and whether another href holds `uid`."""
-    condition = items.c.href == href
-    if uid:
-        condition = or_(condition, items.c.uid == uid)
     rows = conn.execute(
-        select(*_ITEM_COLUMNS).where(items.c.collection_id == collection_id, condition)
+        _SAME_HREF_OR_UID, {"collection_id": collection_id, "href": href, "uid": uid or None}
     )
     found = [_item_from_row(row) for row in rows]
     replaced = next((item for item in found if item.href == href), None)
@@ -540,36 +542,19 @@ def _insert_occurrences(
 
 # Built once: every item write runs these two, and rebuilding a statement per call costs more
 # than executing it.
-_NEXT_REVISION = (
-    update(collections)
-    .where(collections.c.id == bindparam("collection_id"))
-    .values(
-        revision=collections.c.revision + 1,
-        modified_at=bindparam("modified_at"),
-        longest_occurrence_seconds=case(
-            (
-                collections.c.longest_occurrence_seconds < bindparam("longest_seconds"),
-                bindparam("longest_seconds"),
-            ),
-            else_=collections.c.longest_occurrence_seconds,
-        ),
-    )
-    .returning(collections.c.revision)
+# Built once, as text: every item write runs these two (UPDATE ... RETURNING and the upsert are
+# the same SQL on SQLite >= 3.35 and PostgreSQL).
+_NEXT_REVISION = sql_text(
+    "UPDATE collections SET revision = revision + 1, modified_at = :modified_at,"
+    " longest_occurrence_seconds = CASE WHEN longest_occurrence_seconds < :longest_seconds"
+    " THEN :longest_seconds ELSE longest_occurrence_seconds END"
+    " WHERE id = :collection_id RETURNING revision"
 )
-
-
-def _upsert_change_statement(dialect: Any) -> Any:
-    statement = dialect.insert(item_changes)
-    return statement.on_conflict_do_update(
-        index_elements=[item_changes.c.collection_id, item_changes.c.href],
-        set_={"revision": statement.excluded.revision},
-    )
-
-
-_UPSERT_CHANGE = {
-    "postgresql": _upsert_change_statement(postgresql),
-    "sqlite": _upsert_change_statement(sqlite),
-}
+_UPSERT_CHANGE = sql_text(
+    "INSERT INTO item_changes (collection_id, href, revision)"
+    " VALUES (:collection_id, :href, :revision)"
+    " ON CONFLICT (collection_id, href) DO UPDATE SET revision = excluded.revision"
+)
 
 
 def _record_change(
@@ -584,8 +569,7 @@ def _record_change(
         },
     ).scalar_one()
     conn.execute(
-        _UPSERT_CHANGE[conn.dialect.name],
-        {"collection_id": collection_id, "href": href, "revision": revision},
+        _UPSERT_CHANGE, {"collection_id": collection_id, "href": href, "revision": revision}
     )
     return revision
 

