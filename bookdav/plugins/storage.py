@@ -221,7 +221,13 @@ class Storage(radicale_storage.BaseStorage):
         if held is not None and held.database is self._database:
             if write and held.mode != "w":
                 raise RuntimeError("storage write without the write lock")
-            yield held.connection
+            if not write:
+                yield held.connection
+                return
+            # Radicale answers a ValueError from storage with a 400/409 response and then leaves
+            # the lock normally, which commits: a savepoint undoes this call's partial writes.
+            with held.connection.begin_nested():
+                yield held.connection
             return
         transaction = self._database.write() if write else self._database.read()
         with transaction as conn:
