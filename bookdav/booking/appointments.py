@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 
 from bookdav.booking.availability import (
     APPOINTMENTS_CALENDAR,
+    provider_and_service,
     provider_calendars,
     resource_calendars,
 )
@@ -40,8 +41,8 @@ from bookdav.storage import occurrences as occ
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import RESOURCES_PRINCIPAL
-from bookdav.storage.services import ServiceRecord, service_for_booking
-from bookdav.storage.users import User, user_by_id
+from bookdav.storage.services import ServiceRecord
+from bookdav.storage.users import User
 
 MAX_OCCURRENCES = 104  # two years of a weekly series
 
@@ -118,18 +119,6 @@ def principals_for(service: ServiceRecord, provider: User) -> list[str]:
     return [provider.username] + ([RESOURCES_PRINCIPAL] if service.resource_ids else [])
 
 
-def load_booking_parties(
-    conn: Connection, provider_id: str, service_id: str
-) -> tuple[User, ServiceRecord]:
-    provider = user_by_id(conn, provider_id)
-    if provider is None or provider.role != "provider" or provider.status != "active":
-        raise NotFound(f"no provider {provider_id}")
-    service = service_for_booking(conn, service_id, provider_id)
-    if service is None:
-        raise NotFound(f"provider {provider_id} offers no service {service_id}")
-    return provider, service
-
-
 def book(
     conn: Connection,
     request: BookingRequest,
@@ -140,7 +129,7 @@ def book(
     """Book one appointment (or a recurring series) atomically; see the module docstring.
     `held` are the principals whose locks the transaction holds."""
     now = int(time.time()) if now is None else now
-    provider, service = load_booking_parties(conn, request.provider_id, request.service_id)
+    provider, service = provider_and_service(conn, request.provider_id, request.service_id)
     needed = principals_for(service, provider)
     if not set(needed) <= set(held):
         raise LocksMissing(needed)
@@ -222,7 +211,7 @@ def reschedule(
     """Move an appointment: same UID, SEQUENCE + 1, the new time checked like a new booking."""
     now = int(time.time()) if now is None else now
     current = _live(conn, appointment_id)
-    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    provider, service = provider_and_service(conn, current.provider_id, current.service_id)
     rules = rules_from_json(service.rules)
     if rules.capacity > 1:
         raise PolicyViolation("a place in a group cannot be moved: cancel it and book another")
@@ -262,7 +251,7 @@ def cancel(
     once. A client inside the service's cancellation notice is refused, naming the policy."""
     now = int(time.time()) if now is None else now
     current = get_appointment_or_404(conn, appointment_id)
-    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    provider, service = provider_and_service(conn, current.provider_id, current.service_id)
     if current.status == "cancelled":
         return Booked(current, service, provider)
     if current.status != "confirmed":
@@ -310,7 +299,7 @@ def change_occurrence(
     current = _live(conn, appointment_id)
     if not current.recurrence:
         raise PolicyViolation("occurrence applies to recurring appointments only")
-    provider, service = load_booking_parties(conn, current.provider_id, current.service_id)
+    provider, service = provider_and_service(conn, current.provider_id, current.service_id)
     rules = rules_from_json(service.rules)
     plain = dataclasses.replace(current, exceptions="{}")
     originals = {o.start_utc for o in _event(plain, provider, service, [plain], "")[1].occurrences}

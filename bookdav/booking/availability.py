@@ -26,7 +26,7 @@ from bookdav.storage import calendars
 from bookdav.storage.appointments import group_slots_with_room
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import resources_of_service
-from bookdav.storage.services import ServiceRecord, get_service
+from bookdav.storage.services import ServiceRecord, service_offered_by
 from bookdav.storage.users import User, user_by_id
 
 AVAILABILITY_CALENDAR = "availability"
@@ -79,6 +79,19 @@ def day_window(start_day: date, end_day: date, zone: str) -> tuple[int, int]:
     return int(start.timestamp()), int(end.timestamp())
 
 
+def provider_and_service(
+    conn: Connection, provider_id: str, service_id: str
+) -> tuple[User, ServiceRecord]:
+    """The active provider and a live service they offer, or `NotFound` (three indexed reads)."""
+    provider = user_by_id(conn, provider_id)
+    if provider is None or provider.role != "provider" or provider.status != "active":
+        raise NotFound(f"no provider {provider_id}")
+    service = service_offered_by(conn, service_id, provider_id)
+    if service is None:
+        raise NotFound(f"provider {provider_id} offers no service {service_id}")
+    return provider, service
+
+
 def find_slots(
     conn: Connection,
     provider_id: str,
@@ -90,12 +103,7 @@ def find_slots(
     inside the provider's hours, clear of every busy event of the provider and of each resource
     the service needs. Raises `NotFound` for an unknown provider or a service they don't offer."""
     now = int(time.time()) if now is None else now
-    provider = user_by_id(conn, provider_id)
-    if provider is None or provider.role != "provider" or provider.status != "active":
-        raise NotFound(f"no provider {provider_id}")
-    service = get_service(conn, service_id)
-    if service is None or provider.id not in service.provider_ids:
-        raise NotFound(f"provider {provider_id} offers no service {service_id}")
+    provider, service = provider_and_service(conn, provider_id, service_id)
     rules = rules_from_json(service.rules)
     owned = provider_calendars(conn, provider)
     blocking = list(owned.busy) + resource_calendars(conn, service)

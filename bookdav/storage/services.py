@@ -133,10 +133,8 @@ _SERVICE_RESOURCES = text(
 )
 
 
-def service_for_booking(
-    conn: Connection, service_id: str, provider_id: str
-) -> ServiceRecord | None:
-    """The live service if `provider_id` offers it (two queries, for the booking path); its
+def service_offered_by(conn: Connection, service_id: str, provider_id: str) -> ServiceRecord | None:
+    """The live service if `provider_id` offers it (two queries: slot search and booking); its
     `provider_ids` holds only that provider."""
     parameters = {"service_id": service_id, "provider_id": provider_id}
     row = conn.execute(_SERVICE_OFFERED, parameters).first()

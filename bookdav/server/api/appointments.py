@@ -10,6 +10,7 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from bookdav.booking import appointments as booking
+from bookdav.booking.availability import provider_and_service
 from bookdav.booking.errors import Forbidden, InvalidInput, PolicyViolation
 from bookdav.booking.times import InstantFormatter
 from bookdav.server.api import validation as v
@@ -123,7 +124,7 @@ class PrincipalCache:
         key = (provider_id, service_id)
         if key not in self._known:
             provider, service = await request.app[DATABASE].run_read(
-                booking.load_booking_parties, provider_id, service_id
+                provider_and_service, provider_id, service_id
             )
             self.learn(key, booking.principals_for(service, provider))
         return self._known[key]
@@ -318,7 +319,7 @@ async def put_appointment(request: web.Request) -> web.Response:
         raise InvalidInput("startTime", "is required to move an occurrence")
     database = request.app[DATABASE]
     provider, service = await database.run_read(
-        booking.load_booking_parties, appointment.provider_id, appointment.service_id
+        provider_and_service, appointment.provider_id, appointment.service_id
     )
     base_url = _manage_base(request)
 
@@ -349,7 +350,7 @@ async def delete_appointment(request: web.Request) -> web.Response:
     reason = v.text(body, "cancellationReason", required=False, max_length=2000)
     database = request.app[DATABASE]
     provider, service = await database.run_read(
-        booking.load_booking_parties, appointment.provider_id, appointment.service_id
+        provider_and_service, appointment.provider_id, appointment.service_id
     )
     occurrence = _occurrence(request)
     by_client = not _is_staff_of(actor, appointment)
