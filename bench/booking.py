@@ -32,32 +32,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import replace_section  # noqa: E402
+from bench.report import replace_section, start_bookdav  # noqa: E402
 
 SECTION = "## Booking (issue 12)"
 PROVIDERS = 100
 DAYS = [f"{d}" for d in ("MO", "TU", "WE", "TH", "FR", "SA", "SU")]
-
-
-def start_server(folder: Path, database_url: str) -> tuple[subprocess.Popen[str], str]:
-    config = folder / "config.ini"
-    config.write_text(
-        f"[server]\nport = 0\n[storage]\nurl = {database_url}\n"
-        "[booking]\nguest_bookings_per_minute = 0\n[logging]\nlevel = warning\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOKDAV_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bookdav", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "listening on " in line:
-            return process, line.rsplit("listening on ", 1)[1].strip()
-    raise RuntimeError("bookdav did not start")
 
 
 def set_up(base_url: str, database_url: str) -> tuple[list[str], str]:
@@ -250,7 +229,11 @@ def run_in_process(coroutine_name: str, *args: object) -> dict[str, object]:
 def measure(backend: str, seconds: float, connections: int, clients: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bookdav-booking-") as tmp:
         database_url, drop = _database(backend, Path(tmp))
-        process, base_url = start_server(Path(tmp), database_url)
+        process, base_url = start_bookdav(
+            Path(tmp),
+            f"[server]\nport = 0\n[storage]\nurl = {database_url}\n"
+            "[booking]\nguest_bookings_per_minute = 0\n[logging]\nlevel = warning\n",
+        )
         try:
             print(f"[{backend}] setting up {PROVIDERS} providers ...", file=sys.stderr, flush=True)
             provider_ids, service_id = set_up(base_url, database_url)

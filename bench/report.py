@@ -1,7 +1,11 @@
-"""Writing benchmark tables into docs/performance.md, one section per benchmark."""
+"""What the benchmarks share: starting `bookdav serve`, and writing their tables into
+docs/performance.md, one section per benchmark."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 HEADER = "# Performance\n\nFigures from the benchmarks under `bench/`; each section is rewritten by its command.\n"
@@ -18,3 +22,23 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end:] if end != -1 else "")
     path.write_text(text, encoding="utf-8")
+
+
+def start_bookdav(folder: Path, config: str) -> tuple[subprocess.Popen[str], str]:
+    """`bookdav serve` with `config` (an INI text; use port = 0) in `folder`; returns the process
+    and its base URL, read from the start-up banner."""
+    path = folder / "config.ini"
+    path.write_text(config, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOKDAV_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bookdav", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "listening on " in line:
+            return process, line.rsplit("listening on ", 1)[1].strip()
+    raise RuntimeError("bookdav did not start")

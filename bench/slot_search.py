@@ -29,7 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import replace_section  # noqa: E402
+from bench.report import replace_section, start_bookdav  # noqa: E402
 
 SECTION = "## Slot search (issue 11)"
 BASE = datetime(2025, 1, 1, 8, 0, tzinfo=UTC)
@@ -47,27 +47,6 @@ def event_text(i: int, count: int) -> str:
         f"DTSTART:{start:%Y%m%dT%H%M%SZ}\r\nDTEND:{end:%Y%m%dT%H%M%SZ}\r\n{rule}"
         f"SUMMARY:Busy {i}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
     )
-
-
-def start_server(folder: Path) -> tuple[subprocess.Popen[str], str]:
-    config = folder / "config.ini"
-    config.write_text(
-        "[server]\nport = 0\n[storage]\nurl = sqlite:///bookdav.sqlite3\n"
-        "[logging]\nlevel = warning\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOKDAV_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bookdav", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "listening on " in line:
-            return process, line.rsplit("listening on ", 1)[1].strip()
-    raise RuntimeError("bookdav did not start")
 
 
 def set_up_provider(base_url: str, folder: Path, events: int) -> tuple[str, str]:
@@ -172,7 +151,11 @@ def run_driver(url: str, concurrency: int, count: int, seconds: float) -> dict[s
 def measure(size: int, count: int, seconds: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bookdav-slots-") as tmp:
         folder = Path(tmp)
-        process, base_url = start_server(folder)
+        process, base_url = start_bookdav(
+            folder,
+            "[server]\nport = 0\n[storage]\nurl = sqlite:///bookdav.sqlite3\n"
+            "[logging]\nlevel = warning\n",
+        )
         try:
             print(f"loading {size} events ...", file=sys.stderr, flush=True)
             provider_id, service_id = set_up_provider(base_url, folder, size)

@@ -160,41 +160,23 @@ def book(
         created_at=now,
         updated_at=now,
     )
+    attendees = [appointment]
     if rules.capacity > 1 and not request.recurrence:
-        return _join_group(conn, appointment, provider, service, rules, manage_url_base, now)
-    text, times = _event(appointment, provider, service, [appointment], manage_url_base)
-    _require_bookable(conn, provider, service, rules, times.occurrences, now)
-    _write_event(conn, provider, service, appointment, text, times)
-    store.insert_appointment(conn, appointment)
-    _announce(conn, "appointment.created", appointment)
-    return Booked(appointment, service, provider)
-
-
-def _join_group(
-    conn: Connection,
-    appointment: Appointment,
-    provider: User,
-    service: ServiceRecord,
-    rules: Rules,
-    manage_url_base: str,
-    now: int,
-) -> Booked:
-    """A group slot: one VEVENT, one ATTENDEE per booking, never more than `capacity`."""
-    members = store.group_members(conn, service.id, provider.id, appointment.start_utc)
-    if len(members) >= rules.capacity:
-        raise SlotTaken(f"all {rules.capacity} places at this time are taken")
-    if members:  # join the event the first booking made
-        appointment = dataclasses.replace(
-            appointment,
-            event_uid=members[0].event_uid,
-            event_href=members[0].event_href,
-            sequence=members[0].sequence,
-        )
-    everyone = [*members, appointment]
-    text, times = _event(everyone[0], provider, service, everyone, manage_url_base)
-    _require_bookable(
-        conn, provider, service, rules, times.occurrences, now, ignoring_uid=appointment.event_uid
-    )
+        # A group slot: one VEVENT, one ATTENDEE per booking, never more than `capacity`.
+        members = store.group_members(conn, service.id, provider.id, appointment.start_utc)
+        if len(members) >= rules.capacity:
+            raise SlotTaken(f"all {rules.capacity} places at this time are taken")
+        if members:  # join the event the first booking made
+            appointment = dataclasses.replace(
+                appointment,
+                event_uid=members[0].event_uid,
+                event_href=members[0].event_href,
+                sequence=members[0].sequence,
+            )
+        attendees = [*members, appointment]
+    text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
+    ignoring = appointment.event_uid if len(attendees) > 1 else None  # the group's own event
+    _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
     _write_event(conn, provider, service, appointment, text, times)
     store.insert_appointment(conn, appointment)
     _announce(conn, "appointment.created", appointment)

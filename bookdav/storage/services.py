@@ -49,22 +49,25 @@ def _records(conn: Connection, rows: Sequence[Any]) -> list[ServiceRecord]:
     service_ids = [row.id for row in rows]
     providers = _linked(conn, service_providers, "provider_id", service_ids)
     needs = _linked(conn, service_resources, "resource_id", service_ids)
-    return [
-        ServiceRecord(
-            id=row.id,
-            slug=row.slug,
-            name=row.name,
-            description=row.description,
-            duration_minutes=row.duration_minutes,
-            price_amount=row.price_amount,
-            price_currency=row.price_currency,
-            rules=json.loads(row.rules),
-            created_by=row.created_by,
-            provider_ids=providers[row.id],
-            resource_ids=needs[row.id],
-        )
-        for row in rows
-    ]
+    return [_record(row, providers[row.id], needs[row.id]) for row in rows]
+
+
+def _record(
+    row: Any, provider_ids: tuple[str, ...], resource_ids: tuple[str, ...]
+) -> ServiceRecord:
+    return ServiceRecord(
+        id=row.id,
+        slug=row.slug,
+        name=row.name,
+        description=row.description,
+        duration_minutes=row.duration_minutes,
+        price_amount=row.price_amount,
+        price_currency=row.price_currency,
+        rules=json.loads(row.rules),
+        created_by=row.created_by,
+        provider_ids=provider_ids,
+        resource_ids=resource_ids,
+    )
 
 
 def insert_service(
@@ -141,19 +144,7 @@ def service_offered_by(conn: Connection, service_id: str, provider_id: str) -> S
     if row is None:
         return None
     needs = tuple(conn.execute(_SERVICE_RESOURCES, parameters).scalars())
-    return ServiceRecord(
-        id=row.id,
-        slug=row.slug,
-        name=row.name,
-        description=row.description,
-        duration_minutes=row.duration_minutes,
-        price_amount=row.price_amount,
-        price_currency=row.price_currency,
-        rules=json.loads(row.rules),
-        created_by=row.created_by,
-        provider_ids=(provider_id,),
-        resource_ids=needs,
-    )
+    return _record(row, (provider_id,), needs)
 
 
 def list_services(
