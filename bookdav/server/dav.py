@@ -18,8 +18,10 @@ from urllib.parse import unquote
 import radicale
 import radicale.config
 from aiohttp import web
+from radicale import item as radicale_item
 
 from bookdav.config import Settings
+from bookdav.server import dav_reports
 from bookdav.server.keys import SETTINGS
 
 DAV_PREFIX = "/dav"
@@ -32,6 +34,11 @@ STRIPPED_HEADERS = frozenset(
 )
 
 routes = web.RouteTableDef()
+
+# Radicale's own limit on RRULE COUNT, so our explanation of a refused PUT names it too.
+RRULE_OCCURRENCE_LIMIT = int(
+    radicale.config.DEFAULT_CONFIG_SCHEMA["server"]["max_vevent_rrule_occurrence"]["value"]
+)
 
 
 def radicale_configuration(settings: Settings) -> radicale.config.Configuration:
@@ -71,10 +78,15 @@ async def read_bounded_body(request: web.Request, limit: int) -> bytes:
     """The request body, or 413 as soon as it is known to be longer than `limit`."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    # Until EOF: one read() returns only what has arrived so far (a large PUT came in cut short).
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def wsgi_environ(request: web.Request, body: bytes) -> dict[str, Any]:
@@ -127,15 +139,42 @@ def call_radicale(
     return captured["status"], captured["headers"], body
 
 
+def explain_bad_calendar(body: bytes) -> str:
+    """Why Radicale refused a PUT body, found by reading it the way Radicale's PUT does."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"Bad Request: the body is not UTF-8 ({exc})"
+    try:
+        components = radicale_item.read_components(text)
+        radicale_item.check_and_sanitize_items(
+            components, max_vevent_rrule_occurrence=RRULE_OCCURRENCE_LIMIT
+        )
+        for component in components:
+            component.serialize()
+    except Exception as exc:  # vobject raises many kinds; each message says what is wrong
+        return f"Bad Request: malformed iCalendar: {exc}"
+    return "Bad Request: the calendar object was refused"
+
+
 @routes.route("*", DAV_PREFIX)
 @routes.route("*", DAV_PREFIX + "/{tail:.*}")
 async def dav(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].get("server", "max_body_bytes")
     body = await read_bounded_body(request, limit)
+    if request.method == "REPORT":
+        # Free-busy, calendar-query (with expand) and sync-collection from the index (see
+        # dav_reports); None: Radicale answers.
+        fast = await dav_reports.answer_report(request, body, request.app[RADICALE], DAV_PREFIX)
+        if fast is not None:
+            return fast
     environ = wsgi_environ(request, body)
     status, headers, answer = await asyncio.get_running_loop().run_in_executor(
         request.app[DAV_THREADS], call_radicale, request.app[RADICALE], environ
     )
+    if request.method == "PUT" and status == 400:
+        # Radicale says only "Bad Request"; tell the client what is wrong with its iCalendar.
+        return web.Response(status=400, text=explain_bad_calendar(body))
     response = web.Response(status=status, body=answer)
     response.headers.popall("Content-Type", None)
     for name, value in headers:
