@@ -15,15 +15,17 @@ from bookdav.storage.users import User
 _USER = "bookdav.user"
 
 
-def _basic_credentials(value: str) -> tuple[str, str]:
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(username, password) from an `Authorization: Basic ...` value; None if it is not one."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
     try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise Unauthorized("malformed Basic credentials") from exc
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
     username, separator, password = decoded.partition(":")
-    if not separator:
-        raise Unauthorized("malformed Basic credentials")
-    return username, password
+    return (username, password) if separator and username else None
 
 
 async def current_user(request: web.Request) -> User | None:
@@ -37,8 +39,10 @@ async def current_user(request: web.Request) -> User | None:
     if not header:
         pass
     elif scheme.lower() == "basic":
-        username, password = _basic_credentials(value.strip())
-        user = await database.run_read(request.app[CREDENTIALS].verify, username, password)
+        credentials = basic_credentials(header)
+        if credentials is None:
+            raise Unauthorized("malformed Basic credentials")
+        user = await database.run_read(request.app[CREDENTIALS].verify, *credentials)
         if user is None:
             raise Unauthorized("wrong username or password")
     elif scheme.lower() == "bearer":

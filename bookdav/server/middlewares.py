@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import time
 
@@ -12,6 +10,7 @@ from aiohttp.typedefs import Handler
 
 from bookdav.booking.errors import BookdavError, Unauthorized
 from bookdav.logs import log_event
+from bookdav.server.auth import basic_credentials
 
 access_log = logging.getLogger("bookdav.access")
 error_log = logging.getLogger("bookdav.server")
@@ -30,15 +29,8 @@ def problem(status: int, title: str, detail: str = "", **extra: object) -> web.R
 
 def claimed_user(request: web.Request) -> str:
     """The login name a request presents (Basic auth), for the log; never the password."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() != "basic":
-        return request.get("user", "") or ""
-    try:
-        decoded = base64.b64decode(credentials, validate=True).decode("utf-8", "replace")
-    except (binascii.Error, ValueError):
-        return ""
-    return decoded.partition(":")[0]
+    credentials = basic_credentials(request.headers.get("Authorization", ""))
+    return credentials[0] if credentials else ""
 
 
 @web.middleware
