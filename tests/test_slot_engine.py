@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bookdav.booking.slots import MINUTE, Rules, SlotQuery, free_slots, merge
+from bookdav.booking.slots import (
+    MINUTE,
+    UNLIMITED_DAYS,
+    Rules,
+    SlotQuery,
+    free_slots,
+    merge,
+    within_notice_and_advance,
+)
 
 HORIZON_MINUTES = 3 * 24 * 60  # three days of minutes keeps the reference fast
 
@@ -102,3 +112,29 @@ def test_working_day_with_a_meeting_loses_exactly_the_overlapping_slots() -> Non
 
 def test_merge_joins_touching_and_overlapping_intervals() -> None:
     assert merge([(5, 10), (0, 5), (12, 14), (13, 20), (30, 30)]) == [(0, 10), (12, 20)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    available=minute_intervals(6, 600),
+    busy=minute_intervals(12, 240),
+    duration=st.integers(5, 180),
+    rules=rules_strategy,
+    now_minute=st.integers(0, HORIZON_MINUTES),
+    window=st.tuples(st.integers(0, HORIZON_MINUTES), st.integers(0, HORIZON_MINUTES)),
+)
+def test_clock_free_candidates_cut_by_the_clock_equal_the_direct_answer(
+    available: list[tuple[int, int]],
+    busy: list[tuple[int, int]],
+    duration: int,
+    rules: Rules,
+    now_minute: int,
+    window: tuple[int, int],
+) -> None:
+    """What slot search caches (slots without notice/advance) and cuts per request is exact."""
+    start, end = min(window) * MINUTE, max(window) * MINUTE
+    timeless = dataclasses.replace(rules, min_notice_minutes=0, max_advance_days=UNLIMITED_DAYS)
+    candidates = free_slots(SlotQuery(start, end, duration, timeless), available, busy, start)
+    now = now_minute * MINUTE
+    direct = free_slots(SlotQuery(start, end, duration, rules), available, busy, now)
+    assert within_notice_and_advance(candidates, rules, now) == direct

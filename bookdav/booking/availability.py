@@ -7,6 +7,7 @@ parsed when it is written, never here.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +22,15 @@ from bookdav.booking.errors import NotFound
 from bookdav.booking.ical import HOURS_UID_PREFIX, WorkingHours, hours_from_events
 from bookdav.booking.ical import weekly_hours_events as build_weekly_events
 from bookdav.booking.services import rules_from_json
-from bookdav.booking.slots import MINUTE, Interval, Rules, SlotQuery, free_slots, merge
+from bookdav.booking.slots import (
+    MINUTE,
+    UNLIMITED_DAYS,
+    Interval,
+    Rules,
+    SlotQuery,
+    free_slots,
+    within_notice_and_advance,
+)
 from bookdav.storage import calendars
 from bookdav.storage.appointments import group_slots_with_room
 from bookdav.storage.calendars import Collection
@@ -92,16 +101,30 @@ def provider_and_service(
     return provider, service
 
 
+@dataclass(frozen=True)
+class FoundSlots:
+    provider: User
+    service: ServiceRecord
+    slots: list[Interval]
+    # Identifies the cached candidate list these slots were cut from (None: not cached), so the
+    # web layer may cache their rendering under it too.
+    cache_key: Hashable | None
+
+
 def find_slots(
     conn: Connection,
     provider_id: str,
     service_id: str,
     window: tuple[int, int],
     now: int | None = None,
-) -> tuple[User, ServiceRecord, list[Interval]]:
+) -> FoundSlots:
     """The provider, the service and its free slots starting inside `window`, in one snapshot:
     inside the provider's hours, clear of every busy event of the provider and of each resource
-    the service needs. Raises `NotFound` for an unknown provider or a service they don't offer."""
+    the service needs. Raises `NotFound` for an unknown provider or a service they don't offer.
+
+    The candidates (every free slot, before the notice and advance rules) are cached under the
+    revisions of the calendars they come from; the rules that depend on the clock are applied
+    to them on every call."""
     now = int(time.time()) if now is None else now
     provider, service = provider_and_service(conn, provider_id, service_id)
     rules = rules_from_json(service.rules)
@@ -112,24 +135,24 @@ def find_slots(
         service.duration_minutes + rules.buffer_before_minutes + rules.buffer_after_minutes
     ) * MINUTE
     span = (window[0] - reach, window[1] + reach)
+    timeless = dataclasses.replace(rules, min_notice_minutes=0, max_advance_days=UNLIMITED_DAYS)
+    query = SlotQuery(window[0], window[1], service.duration_minutes, timeless)
     if rules.capacity > 1:
         # A group slot stays bookable until full: its own event must not block it.
-        cached = (
-            merge(calendars.busy_intervals(conn, [owned.availability], *span)),
-            merge(_without_open_groups(conn, service, provider, rules, blocking, span)),
+        open_hours = calendars.busy_intervals(conn, [owned.availability], *span)
+        busy = _without_open_groups(conn, service, provider, rules, blocking, span)
+        candidates = free_slots(query, open_hours, busy, window[0])
+        return FoundSlots(
+            provider, service, within_notice_and_advance(candidates, rules, now), None
         )
-    else:
-        key = (_revisions([owned.availability]), _revisions(blocking), span)
-        cached = _intervals.get(key)
-        if cached is None:
-            cached = (
-                merge(calendars.busy_intervals(conn, [owned.availability], *span)),
-                merge(calendars.busy_intervals(conn, blocking, *span)),
-            )
-            _intervals.put(key, cached)
-    open_hours, busy = cached
-    query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
-    return provider, service, free_slots(query, open_hours, busy, now)
+    key = (_revisions([owned.availability]), _revisions(blocking), span, query)
+    candidates = _candidates.get(key)
+    if candidates is None:
+        open_hours = calendars.busy_intervals(conn, [owned.availability], *span)
+        busy = calendars.busy_intervals(conn, blocking, *span)
+        candidates = free_slots(query, open_hours, busy, window[0])
+        _candidates.put(key, candidates)
+    return FoundSlots(provider, service, within_notice_and_advance(candidates, rules, now), key)
 
 
 def _without_open_groups(
@@ -152,8 +175,8 @@ def _revisions(owned: Iterable[Collection]) -> tuple[tuple[int, str, int], ...]:
     return tuple(sorted((c.id, c.incarnation, c.revision) for c in owned))
 
 
-class IntervalCache:
-    """Open and busy intervals (merged), keyed by the revisions of the calendars they were read from.
+class SlotCache:
+    """Candidate slots, keyed by the revisions of the calendars they were computed from.
 
     Every write to a calendar, from any process, raises its revision inside the same transaction,
     and the key is read in the same snapshot as the intervals would be: a changed calendar is a
@@ -162,24 +185,24 @@ class IntervalCache:
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._entries: OrderedDict[Hashable, tuple[list[Interval], list[Interval]]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, list[Interval]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> tuple[list[Interval], list[Interval]] | None:
+    def get(self, key: Hashable) -> list[Interval] | None:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
             return value
 
-    def put(self, key: Hashable, value: tuple[list[Interval], list[Interval]]) -> None:
+    def put(self, key: Hashable, value: list[Interval]) -> None:
         with self._lock:
             self._entries[key] = value
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
 
 
-_intervals = IntervalCache()
+_candidates = SlotCache()
 
 
 def resource_calendars(conn: Connection, service: ServiceRecord) -> list[Collection]:

@@ -15,6 +15,7 @@ Interval = tuple[int, int]
 
 MINUTE = 60
 DAY = 86_400
+UNLIMITED_DAYS = 100_000  # "no advance limit": far past any window a search may ask for
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,12 @@ def _overlaps(blocked: Sequence[Interval], ends: Sequence[int], start: int, end:
     """Whether [start, end) meets any of the sorted disjoint `blocked` intervals."""
     index = bisect.bisect_right(ends, start)
     return index < len(blocked) and blocked[index][0] < end
+
+
+def within_notice_and_advance(slots: Iterable[Interval], rules: Rules, now: int) -> list[Interval]:
+    """The slots that keep the notice and advance rules at `now`. Computing slots without those
+    two rules and applying them here gives what `free_slots` gives with them (the grid does not
+    depend on the clock), so the clock-free part can be cached."""
+    earliest = now + rules.min_notice_minutes * MINUTE
+    latest = now + rules.max_advance_days * DAY
+    return [slot for slot in slots if earliest <= slot[0] < latest]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+from collections.abc import Hashable
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -25,7 +28,6 @@ from bookdav.server.api import validation as v
 from bookdav.server.api.validation import UnsupportedMediaType
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE, SETTINGS
-from bookdav.storage.services import ServiceRecord
 from bookdav.storage.users import User, user_by_id
 
 routes = web.RouteTableDef()
@@ -148,26 +150,57 @@ async def _slots(request: web.Request) -> web.Response:
         v.time_zone(zone)
     provider_id, service_id = request.match_info["providerId"], request.query["serviceId"]
 
-    def search(conn: Connection) -> tuple[User, ServiceRecord, list[Interval], str]:
+    def search(conn: Connection) -> tuple[availability.FoundSlots, str]:
         # The provider's zone is only known inside the unit of work: one snapshot, one thread hop.
         provider = user_by_id(conn, provider_id)
         shown_in = zone or (provider.timezone if provider else "UTC")
         window = availability.day_window(start_day, end_day, shown_in)
-        return (*availability.find_slots(conn, provider_id, service_id, window), shown_in)
+        return availability.find_slots(conn, provider_id, service_id, window), shown_in
 
-    provider, service, found, shown_in = await request.app[DATABASE].run_read(search)
-    local = InstantFormatter(shown_in)
-    return web.json_response(
-        {
-            "providerId": provider.id,
-            "serviceId": service.id,
-            "timezone": shown_in,
-            "slots": [
-                {"startTime": local.format(start), "endTime": local.format(end)}
-                for start, end in found
-            ],
-        }
+    found, shown_in = await request.app[DATABASE].run_read(search)
+    head = json.dumps(
+        {"providerId": found.provider.id, "serviceId": found.service.id, "timezone": shown_in}
     )
+    slots = ",".join(_rendered_slots(found, shown_in))
+    return web.Response(text=f'{head[:-1]}, "slots": [{slots}]}}', content_type="application/json")
+
+
+class _RenderedSlots:
+    """Slot JSON by start, for one cached candidate list and zone: a month of slots is hundreds
+    of formatted instants, the largest share of a search that hits the slot cache."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: OrderedDict[Hashable, dict[int, str]] = OrderedDict()
+
+    def fragments(self, key: Hashable, slots: list[Interval], zone: str) -> dict[int, str]:
+        cached = self._entries.get(key)
+        if cached is not None and all(start in cached for start, _ in slots):
+            self._entries.move_to_end(key)
+            return cached
+        local = InstantFormatter(zone)
+        rendered = {
+            start: json.dumps({"startTime": local.format(start), "endTime": local.format(end)})
+            for start, end in slots
+        }
+        self._entries[key] = rendered
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return rendered
+
+
+_rendered = _RenderedSlots()
+
+
+def _rendered_slots(found: availability.FoundSlots, zone: str) -> list[str]:
+    if found.cache_key is None:
+        local = InstantFormatter(zone)
+        return [
+            json.dumps({"startTime": local.format(start), "endTime": local.format(end)})
+            for start, end in found.slots
+        ]
+    fragments = _rendered.fragments((found.cache_key, zone), found.slots, zone)
+    return [fragments[start] for start, _ in found.slots]
 
 
 def _query_date(request: web.Request, name: str) -> date:
