@@ -414,3 +414,23 @@ def test_an_event_with_an_attendee_typed_into_the_calendar_is_listed_and_blocks(
     assert events[0]["attendees"] == ["bob@example.org"]
     assert events[0]["startTime"].startswith(f"{monday.isoformat()}T09:00:00")
     assert not any("T09:00:00" in s or "T11:00:00" in s for s in provider.slots(monday))
+
+
+def test_one_idempotency_key_racing_for_two_providers_books_once(provider: Provider) -> None:
+    other = make_provider(provider.server)
+    key = str(uuid.uuid4())
+    start = _api_instant(next_monday(17), 10)
+    gate = threading.Barrier(2)
+
+    def attempt(who: Provider) -> int:
+        gate.wait()
+        return requests.post(
+            f"{who.server.base_url}/api/v1/appointments",
+            json=booking_body(who, start),
+            headers={"Idempotency-Key": key},
+        ).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        statuses = sorted(pool.map(attempt, [provider, other]))
+    assert statuses[0] == 201
+    assert statuses[1] in (409, 422)

@@ -8,10 +8,11 @@ from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 
 from bookdav.booking import appointments as booking
 from bookdav.booking.availability import provider_and_service
-from bookdav.booking.errors import Forbidden, InvalidInput, PolicyViolation
+from bookdav.booking.errors import Conflict, Forbidden, InvalidInput, PolicyViolation
 from bookdav.booking.times import InstantFormatter
 from bookdav.server.api import validation as v
 from bookdav.server.auth import current_user, require_user
@@ -176,7 +177,11 @@ async def create_appointment(request: web.Request) -> web.Response:
         booked = booking.book(conn, booking_request, base_url, principals)
         answer = json.dumps(appointment_json(booked.appointment, base_url))
         if key is not None:
-            store.store_response(conn, scope, fingerprint, 201, answer)
+            try:
+                store.store_response(conn, scope, fingerprint, 201, answer)
+            except IntegrityError as exc:
+                # The same key, at the same moment, for another provider: only one may win.
+                raise Conflict("this Idempotency-Key is being used by another request") from exc
         return 201, answer
 
     try:
