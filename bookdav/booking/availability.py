@@ -146,13 +146,13 @@ def find_slots(
             provider, service, within_notice_and_advance(candidates, rules, now), None
         )
     key = (_revisions([owned.availability]), _revisions(blocking), span, query)
-    candidates = _candidates.get(key)
-    if candidates is None:
+    cached = _candidates.get(key)
+    if cached is None:
         open_hours = calendars.busy_intervals(conn, [owned.availability], *span)
         busy = calendars.busy_intervals(conn, blocking, *span)
-        candidates = free_slots(query, open_hours, busy, window[0])
-        _candidates.put(key, candidates)
-    return FoundSlots(provider, service, within_notice_and_advance(candidates, rules, now), key)
+        cached = free_slots(query, open_hours, busy, window[0])
+        _candidates.put(key, cached)
+    return FoundSlots(provider, service, within_notice_and_advance(cached, rules, now), key)
 
 
 def _without_open_groups(

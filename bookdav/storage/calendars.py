@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import vobject
 from sqlalchemy import (
@@ -119,6 +120,13 @@ def _now() -> int:
 # --- collections ---------------------------------------------------------------------------------
 
 
+def _new_id(result: Any) -> int:
+    """The primary key an INSERT of one row created."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
 def _collection_from_row(row: object) -> Collection:
     m = row._mapping  # type: ignore[attr-defined]
     return Collection(
@@ -213,7 +221,7 @@ def create_collection(
         "modified_at": now,
         "longest_occurrence_seconds": 0,
     }
-    new_id = conn.execute(insert(collections).values(values)).inserted_primary_key[0]
+    new_id = _new_id(conn.execute(insert(collections).values(values)))
     return Collection(id=new_id, **{**values, "props": props})  # type: ignore[arg-type]
 
 
@@ -410,7 +418,7 @@ def put_item(
     }
     # Constant statements with parameters (not .values(...)) keep SQLAlchemy's cache key cheap.
     if replaced is None:
-        item_id = conn.execute(insert(items), values).inserted_primary_key[0]
+        item_id = _new_id(conn.execute(insert(items), values))
     else:
         item_id = replaced.id
         conn.execute(_UPDATE_ITEM, {**values, "item_id": item_id})

@@ -109,17 +109,17 @@ def _zone_or_none(name: str) -> ZoneInfo | None:
 def to_utc_seconds(value: dt.date, zone: dt.tzinfo) -> int:
     """An instant in epoch seconds; DATE means midnight and naive (floating) means wall time, both
     in `zone`."""
-    if not isinstance(value, dt.datetime):
-        value = dt.datetime.combine(value, dt.time())
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=zone)
-    elif (named := _iana_zone_of(value.tzinfo)) is not None:
-        value = value.replace(tzinfo=named)
-    elif hasattr(value.tzinfo, "localize"):
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.combine(value, dt.time())
+    tzinfo = moment.tzinfo
+    if tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    elif (named := _iana_zone_of(tzinfo)) is not None:
+        moment = moment.replace(tzinfo=named)
+    elif hasattr(tzinfo, "localize"):
         # vobject resolves a TZID without VTIMEZONE to a pytz zone, which dateutil's rule
         # arithmetic leaves at the wrong offset: place the wall time in that zone again.
-        value = value.tzinfo.localize(value.replace(tzinfo=None))
-    return math.floor(value.timestamp())
+        moment = tzinfo.localize(moment.replace(tzinfo=None))
+    return math.floor(moment.timestamp())
 
 
 def component_name(vcalendar: vobject.base.Component) -> str:

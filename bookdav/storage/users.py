@@ -70,7 +70,7 @@ def insert_user(
     """Insert an account; raises `UsernameTaken` if the username is in use."""
     if conn.execute(select(users.c.id).where(users.c.username == username)).first():
         raise UsernameTaken(username)
-    values = {
+    values: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "username": username,
         "email": email,
