@@ -72,8 +72,8 @@ rules_strategy = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(
+# Random hours, events, a duration, rules, a clock and a window: the scenarios both tests draw.
+scenarios = given(
     available=minute_intervals(6, 600),
     busy=minute_intervals(12, 240),
     duration=st.integers(5, 180),
@@ -81,6 +81,10 @@ rules_strategy = st.builds(
     now_minute=st.integers(0, HORIZON_MINUTES),
     window=st.tuples(st.integers(0, HORIZON_MINUTES), st.integers(0, HORIZON_MINUTES)),
 )
+
+
+@settings(max_examples=300, deadline=None)
+@scenarios
 def test_engine_matches_the_minute_grid_reference(
     available: list[tuple[int, int]],
     busy: list[tuple[int, int]],
@@ -115,14 +119,7 @@ def test_merge_joins_touching_and_overlapping_intervals() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    available=minute_intervals(6, 600),
-    busy=minute_intervals(12, 240),
-    duration=st.integers(5, 180),
-    rules=rules_strategy,
-    now_minute=st.integers(0, HORIZON_MINUTES),
-    window=st.tuples(st.integers(0, HORIZON_MINUTES), st.integers(0, HORIZON_MINUTES)),
-)
+@scenarios
 def test_clock_free_candidates_cut_by_the_clock_equal_the_direct_answer(
     available: list[tuple[int, int]],
     busy: list[tuple[int, int]],
