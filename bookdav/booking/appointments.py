@@ -508,9 +508,9 @@ def _slot_verdict(
     busy = [interval for intervals in found.values() for interval in intervals]
     wanted: Interval = (start_utc, start_utc + service.duration_minutes * MINUTE)
     query = SlotQuery(window[0], window[1], service.duration_minutes, rules)
-    if wanted not in free_slots(query, open_hours, [], now):
-        return "not bookable"
-    return "free" if wanted in free_slots(query, open_hours, busy, now) else "taken"
+    if wanted in free_slots(query, open_hours, busy, now):
+        return "free"  # the common case: one pass
+    return "taken" if wanted in free_slots(query, open_hours, [], now) else "not bookable"
 
 
 def _write_event(
