@@ -428,3 +428,27 @@ def test_one_idempotency_key_racing_for_two_providers_books_once(provider: Provi
         statuses = sorted(pool.map(attempt, [provider, other]))
     assert statuses[0] == 201
     assert statuses[1] in (409, 422)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"startTime": "9999-12-31T23:00:00+00:00"}, "startTime"),
+        ({"recurrence": {"frequency": "DAILY", "until": "9999-12-31"}}, "recurrence.until"),
+    ],
+)
+def test_dates_at_the_edge_of_the_calendar_are_400_not_500(
+    provider: Provider, change: dict[str, Any], field: str
+) -> None:
+    body = {**booking_body(provider, _api_instant(next_monday(7), 9)), **change}
+    response = requests.post(f"{provider.server.base_url}/api/v1/appointments", json=body)
+    assert_problem(response, 400, field)
+    search = requests.get(
+        provider.availability_url,
+        params={
+            "serviceId": provider.service_id,
+            "startDate": "9999-12-30",
+            "endDate": "9999-12-31",
+        },
+    )
+    assert_problem(search, 400, "startDate")

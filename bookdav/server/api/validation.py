@@ -13,6 +13,9 @@ from aiohttp import web
 from bookdav.booking.errors import BookdavError, InvalidInput
 
 JSON_TYPES = ("application/json", "application/problem+json")
+# Dates and instants outside these years are refused: nobody books them, and date arithmetic at
+# the edges of Python's calendar (year 9999 + 1 day) overflows.
+EARLIEST_YEAR, LATEST_YEAR = 1970, 2200
 
 
 class UnsupportedMediaType(BookdavError):
@@ -109,9 +112,16 @@ def iso_date(value: Any, name: str) -> date:
     if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         raise InvalidInput(name, "must be a date as YYYY-MM-DD")
     try:
-        return date.fromisoformat(value)
+        parsed = date.fromisoformat(value)
     except ValueError as exc:
         raise InvalidInput(name, f"{value!r} is not a calendar date") from exc
+    _require_plausible_year(parsed.year, name)
+    return parsed
+
+
+def _require_plausible_year(year: int, name: str) -> None:
+    if not EARLIEST_YEAR <= year <= LATEST_YEAR:
+        raise InvalidInput(name, f"must be between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
 
 
 def iso_instant(value: Any, name: str) -> datetime:
@@ -124,6 +134,7 @@ def iso_instant(value: Any, name: str) -> datetime:
         raise InvalidInput(name, "must be an ISO 8601 date-time with offset") from exc
     if parsed.tzinfo is None:
         raise InvalidInput(name, "must carry a UTC offset, e.g. 2030-01-07T09:00:00+01:00")
+    _require_plausible_year(parsed.year, name)
     return parsed
 
 
