@@ -215,6 +215,15 @@ def test_malformed_icalendar_400_says_what_is_wrong(server: RunningServer, provi
 
     assert response.status_code == 400
     assert "DTSTART" in response.text
+    until_before_start = event(
+        "until@tests",
+        "DTSTART:20300101T100000Z",
+        "DTEND:20300101T110000Z",
+        "RRULE:FREQ=DAILY;UNTIL=20290101T000000Z",
+    )
+    refused = put_text(server, provider, "until.ics", until_before_start.encode())
+    assert refused.status_code == 400
+    assert "UNTIL < DTSTART" in refused.text
 
 
 def large_event(uid: str, description_lines: int) -> bytes:

@@ -147,8 +147,9 @@ def explain_bad_calendar(body: bytes) -> str:
         return f"Bad Request: the body is not UTF-8 ({exc})"
     try:
         components = radicale_item.read_components(text)
+        tag = "VADDRESSBOOK" if text.lstrip()[:11].upper() == "BEGIN:VCARD" else "VCALENDAR"
         radicale_item.check_and_sanitize_items(
-            components, max_vevent_rrule_occurrence=RRULE_OCCURRENCE_LIMIT
+            components, max_vevent_rrule_occurrence=RRULE_OCCURRENCE_LIMIT, tag=tag
         )
         for component in components:
             component.serialize()
