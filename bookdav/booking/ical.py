@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -233,10 +234,15 @@ class AppointmentEvent:
     moved: tuple[tuple[int, int, int], ...] = ()
 
 
+def _one_line(text: str) -> str:
+    """Control characters (CR, LF, ...) folded to spaces: a name is one line in any calendar."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+
+
 def _mailto(person: Person, role: str | None = None) -> icalendar.vCalAddress:
-    address = icalendar.vCalAddress(f"mailto:{person.email}")
+    address = icalendar.vCalAddress(f"mailto:{_one_line(person.email)}")
     if person.name:
-        address.params["CN"] = person.name
+        address.params["CN"] = _one_line(person.name)
     if role:
         address.params["ROLE"] = role
         address.params["PARTSTAT"] = "NEEDS-ACTION"
