@@ -37,14 +37,16 @@ def write_config(
     database_url: str | None = None,
     extra: str = "",
     guest_bookings_per_minute: int = 0,
+    mail: str = "",
 ) -> Path:
+    """`mail`, if given, is the body of the `[mail]` section (default: a Maildir under var/)."""
     folder.mkdir(parents=True, exist_ok=True)
     url = database_url or "sqlite:///var/bookdav.sqlite3"
     config = folder / "config.ini"
     config.write_text(
         "[server]\nhost = 127.0.0.1\nport = 0\n"
         f"[storage]\nurl = {url}\n"
-        "[mail]\nmaildir = var/maildir\n"
+        f"[mail]\n{mail or 'maildir = var/maildir'}\n"
         f"[booking]\nguest_bookings_per_minute = {guest_bookings_per_minute}\n"
         f"[logging]\nlevel = info\nformat = json\n{extra}",
         encoding="utf-8",
@@ -105,12 +107,19 @@ class RunningServer:
 
 
 def start_server(
-    folder: Path, *, database_url: str | None = None, guest_bookings_per_minute: int = 0
+    folder: Path,
+    *,
+    database_url: str | None = None,
+    guest_bookings_per_minute: int = 0,
+    mail: str = "",
 ) -> RunningServer:
     """Start `bookdav serve` on port 0 and wait until /healthz answers. Guest bookings are not
     rate-limited unless asked: the tests book from one address, fast."""
     config = write_config(
-        folder, database_url=database_url, guest_bookings_per_minute=guest_bookings_per_minute
+        folder,
+        database_url=database_url,
+        guest_bookings_per_minute=guest_bookings_per_minute,
+        mail=mail,
     )
     log_path = folder / "server.log"
     log_file = log_path.open("w", encoding="utf-8")
