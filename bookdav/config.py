@@ -106,6 +106,29 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "Maildir that receives mail when no SMTP host is set.",
             is_path=True,
         ),
+        "inbound_listen": Option(
+            _text,
+            "",
+            "host:port of an LMTP listener for iMIP replies (e.g. 127.0.0.1:8024); empty: off.",
+        ),
+        "notify_providers": Option(
+            _boolean,
+            "true",
+            "Email providers about new, moved and cancelled appointments (the default for "
+            "providers who have not chosen).",
+        ),
+        "reminder_minutes": Option(
+            _text,
+            "1440,60",
+            "Reminders before each appointment, in minutes, comma-separated (services may "
+            "override); empty: none.",
+        ),
+        "templates_dir": Option(
+            _text,
+            "",
+            "Folder of jinja2 templates that override the built-in ones; empty: built-in only.",
+            is_path=True,
+        ),
     },
     "booking": {
         "allow_client_signup": Option(
@@ -119,6 +142,16 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_search_days": Option(
             _positive_int, "62", "Longest date range one availability search may ask for."
         ),
+    },
+    "sync": {
+        "secret_key": Option(
+            _text,
+            "",
+            "Key that encrypts external calendar credentials at rest (any long random text); "
+            "without it, calendars with credentials are refused.",
+            secret=True,
+        ),
+        "interval_seconds": Option(_positive_int, "300", "How often each busy source is pulled."),
     },
     "logging": {
         "level": Option(_one_of("debug", "info", "warning", "error"), "info", "Log level."),

@@ -284,7 +284,7 @@ def test_mail_queued_while_the_smtp_server_is_down_arrives_when_it_comes_up(
         imip_parts(message)
         wait_for(lambda: all(r.status == "sent" for r in rows()), "both rows sent")
         assert all(r.attempts >= 2 for r in rows())
-        assert '"mail deferred"' in running.log_text() and '"mail sent"' in running.log_text()
+        assert '"outbox row deferred"' in running.log_text() and '"mail sent"' in running.log_text()
     finally:
         running.stop()
         if controller is not None:

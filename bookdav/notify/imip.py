@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 import icalendar
 
 from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
+from bookdav.notify.errors import Undeliverable
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.users import User
 
@@ -38,11 +39,6 @@ METHODS = {
     "appointment.rescheduled": "REQUEST",
     "appointment.cancelled": "CANCEL",
 }
-
-
-class Undeliverable(ValueError):
-    """This message can never be built or sent (unknown event, unusable address): retrying will
-    not help, so the row is marked failed at once."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A pass claims due rows in one short write transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so
 several processes share the work without waiting on each other; SQLite: the single writer makes
 the plain select safe) and leases them (`status='sending'`, `next_attempt_at = now + lease`). Mail
-is built and sent outside any transaction; then the row is marked `sent`, or retried later with
+(or a webhook, or a remote calendar write: `handlers()` maps each row's kind to the coroutine that
+delivers it) is built and sent outside any transaction; then the row is marked `sent`, or retried later with
 exponential backoff and jitter, or `failed` after `MAX_ATTEMPTS`. A process that dies mid-send
 leaves a lease that expires, and the next pass sends again: a duplicate is possible, a loss is
 not (the Message-ID is stable per row, so a duplicate is recognisable).
@@ -22,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,9 @@ from bookdav.config import Settings
 from bookdav.logs import log_event
 from bookdav.notify import imip
 from bookdav.notify.delivery import Transport, transport_for
-from bookdav.storage import appointments as appointment_store
+from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.storage.db import Database
-from bookdav.storage.schema import outbox, services
-from bookdav.storage.users import user_by_id
+from bookdav.storage.schema import outbox
 
 log = logging.getLogger("bookdav.outbox")
 
@@ -134,22 +134,6 @@ def finish(
     return bool(result.rowcount)
 
 
-def load_contexts(conn: Connection, appointment_ids: Sequence[str]) -> dict[str, imip.Context]:
-    """Appointment, provider and service name of each id (a deleted service still has a name)."""
-    found: dict[str, imip.Context] = {}
-    for appointment_id in set(appointment_ids):
-        appointment = appointment_store.get_appointment(conn, appointment_id)
-        if appointment is None:
-            continue
-        provider = user_by_id(conn, appointment.provider_id)
-        service_name = conn.execute(
-            select(services.c.name).where(services.c.id == appointment.service_id)
-        ).scalar_one_or_none()
-        if provider is not None and service_name is not None:
-            found[appointment_id] = imip.Context(appointment, provider, service_name)
-    return found
-
-
 def retry_delay_seconds(attempts: int, rng: random.Random | None = None) -> int:
     """Backoff after the `attempts`-th failure, with jitter (half to all of the nominal wait), so
     messages that failed together do not all come back at the same moment."""
@@ -161,6 +145,33 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
+@dataclass
+class Job:
+    """One claimed row on its way out, with what a handler needs to deliver it. A handler adds
+    what it learns (recipient, message id) to `fields`, which the outcome's log line carries."""
+
+    row: Claimed
+    database: Database
+    settings: Settings
+    transport: Transport
+    now: int
+    fields: dict[str, Any]
+
+
+Handler = Callable[[Job], Awaitable[None]]
+
+
+def handlers() -> dict[str, Handler]:
+    """Outbox kind -> the coroutine that delivers it. A handler returns on success, raises
+    `Superseded` or `Undeliverable`, and any other exception means "retry later"."""
+    from bookdav.notify import mail
+
+    return {
+        imip.CLIENT_IMIP: mail.deliver,
+        imip.PROVIDER_NOTICE: mail.deliver,
+    }
+
+
 async def run_once(
     database: Database,
     settings: Settings,
@@ -168,83 +179,72 @@ async def run_once(
     transport: Transport | None = None,
     now: int | None = None,
 ) -> int:
-    """Deliver every row due now, batch by batch; returns how many messages were sent."""
+    """Deliver every row due now, batch by batch; returns how many rows were delivered."""
     transport = transport or transport_for(settings)
-    sent = 0
+    table = handlers()
+    delivered = 0
     while True:
         moment = int(time.time()) if now is None else now
         claimed = await database.run_write(claim_due, moment)
         if not claimed:
-            return sent
-        ids = [c.appointment_id for c in claimed if c.appointment_id]
-        contexts = await database.run_read(load_contexts, ids)
+            return delivered
         for row in claimed:
+            job = Job(row, database, settings, transport, moment, _fields(row))
             try:
-                sent += await _deliver(database, settings, transport, row, contexts, moment)
+                delivered += await _deliver(job, table.get(row.kind))
             except Exception:
-                # Only bookkeeping can fail here (sending errors are handled inside): the row
+                # Only bookkeeping can fail here (delivery errors are handled inside): the row
                 # keeps its lease and is retried when it expires; the rest of the batch goes on.
                 log.exception("outbox row %s: delivery bookkeeping failed", row.id)
         if len(claimed) < BATCH_SIZE:
-            return sent
+            return delivered
 
 
-async def _deliver(
-    database: Database,
-    settings: Settings,
-    transport: Transport,
-    row: Claimed,
-    contexts: dict[str, imip.Context],
-    now: int,
-) -> bool:
-    fields: dict[str, Any] = {
+def _fields(row: Claimed) -> dict[str, Any]:
+    return {
         "outbox_id": row.id,
         "kind": row.kind,
         "outbox_event": row.payload.get("event"),
         "appointment_id": row.appointment_id,
         "attempt": row.attempts,
     }
-    context = contexts.get(row.appointment_id or "")
-    if context is None:
-        error = f"appointment {row.appointment_id} (or its provider or service) is gone"
-        await database.run_write(finish, row, FAILED, error=error)
-        log_event(log, "mail not sent", logging.WARNING, **fields, status=FAILED, error=error)
-        return False
-    current = context.appointment.sequence
-    if int(row.payload.get("sequence", current)) < current:
-        await database.run_write(finish, row, SUPERSEDED, error=f"superseded by sequence {current}")
-        log_event(log, "mail superseded", **fields, sequence=current)
-        return False
+
+
+async def _deliver(job: Job, handler: Handler | None) -> bool:
+    row, database, fields = job.row, job.database, job.fields
     try:
-        outgoing = imip.build(
-            row.kind,
-            context,
-            row.payload,
-            outbox_id=row.id,
-            from_address=settings.get("mail", "from_address"),
-            base_url=settings.public_base_url,
-        )
-        fields.update(to=",".join(outgoing.recipients), message_id=outgoing.message_id)
-        await transport.send(outgoing.message, outgoing.sender, outgoing.recipients)
+        if handler is None:
+            raise Undeliverable(f"no handler for outbox kind {row.kind!r}")
+        await handler(job)
+    except Superseded as exc:
+        await database.run_write(finish, row, SUPERSEDED, error=str(exc))
+        log_event(log, "outbox row superseded", **fields, reason=str(exc))
+        return False
     except Exception as exc:
-        await _failed(database, row, exc, now, fields)
+        await _failed(job, exc)
         return False
     await database.run_write(finish, row, SENT)
-    log_event(log, "mail sent", **fields, transport=transport.description)
+    log_event(log, "outbox row delivered", **fields)
     return True
 
 
-async def _failed(
-    database: Database, row: Claimed, exc: Exception, now: int, fields: dict[str, Any]
-) -> None:
+async def _failed(job: Job, exc: Exception) -> None:
+    row, fields = job.row, job.fields
     error = _error_text(exc)
-    if isinstance(exc, imip.Undeliverable) or row.attempts >= MAX_ATTEMPTS:
-        await database.run_write(finish, row, FAILED, error=error)
-        log_event(log, "mail failed", logging.ERROR, **fields, status=FAILED, error=error)
+    if isinstance(exc, Undeliverable) or row.attempts >= MAX_ATTEMPTS:
+        await job.database.run_write(finish, row, FAILED, error=error)
+        log_event(log, "outbox row failed", logging.ERROR, **fields, status=FAILED, error=error)
         return
-    retry_at = now + retry_delay_seconds(row.attempts)
-    await database.run_write(finish, row, PENDING, error=error, next_attempt_at=retry_at)
-    log_event(log, "mail deferred", logging.WARNING, **fields, error=error, retry_in=retry_at - now)
+    retry_at = job.now + retry_delay_seconds(row.attempts)
+    await job.database.run_write(finish, row, PENDING, error=error, next_attempt_at=retry_at)
+    log_event(
+        log,
+        "outbox row deferred",
+        logging.WARNING,
+        **fields,
+        error=error,
+        retry_in=retry_at - job.now,
+    )
 
 
 async def run_worker(

@@ -41,6 +41,8 @@ users = Table(
     Column("password_hash", Text, nullable=False),
     Column("status", String(16), nullable=False, server_default="active"),
     Column("created_at", BigInteger, nullable=False),
+    # Per-user settings as JSON (e.g. which notifications a provider wants by email).
+    Column("preferences", Text, nullable=False, server_default="{}"),
 )
 
 # Calendar storage (Radicale's collections and items). A collection's `revision` rises on every
@@ -159,6 +161,9 @@ services = Table(
     Column("price_currency", String(3), nullable=False, server_default="EUR"),
     # Business rules as JSON (camelCase keys of the API): notice, advance, buffers, interval, ...
     Column("rules", Text, nullable=False, server_default="{}"),
+    # Per-service overrides of the notification templates (name -> jinja2 source) and reminder
+    # offsets, as JSON.
+    Column("templates", Text, nullable=False, server_default="{}"),
     Column("created_by", String(36), ForeignKey("users.id"), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
@@ -225,6 +230,8 @@ appointments = Table(
     Column("updated_at", BigInteger, nullable=False),
     # Recurring appointments: cancelled and moved occurrences, as JSON.
     Column("exceptions", Text, nullable=False, server_default="{}"),
+    # The client's answer to the invitation (iMIP REPLY): NEEDS-ACTION, ACCEPTED, DECLINED, ...
+    Column("client_partstat", String(16), nullable=False, server_default="NEEDS-ACTION"),
 )
 Index("ix_appointments_provider_start", appointments.c.provider_id, appointments.c.start_utc)
 Index("ix_appointments_client", appointments.c.client_id)
@@ -254,5 +261,75 @@ outbox = Table(
     Column("next_attempt_at", BigInteger, nullable=False),
     Column("last_error", Text, nullable=True),
     Column("created_at", BigInteger, nullable=False),
+    # A row that must exist at most once (a reminder per occurrence, offset and sequence): a second
+    # insert with the same key is skipped, so planning twice (or in two processes) sends once.
+    Column("dedupe_key", String(200), nullable=True),
 )
 Index("ix_outbox_due", outbox.c.status, outbox.c.next_attempt_at)
+Index("ux_outbox_dedupe_key", outbox.c.dedupe_key, unique=True)
+
+# Webhooks: each delivery is an outbox row (kind "webhook"), signed with the hook's secret.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("owner_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event names
+    Column("secret", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=True),
+)
+Index("ix_webhooks_owner", webhooks.c.owner_id)
+
+# External calendars of a provider: "busy" sources mirrored into a read-only collection under
+# /dav/<username>/ (collection_path), "destination" calendars that receive every booking through
+# the outbox. Credentials are encrypted with [sync] secret_key; `state` holds sync tokens/ETags.
+external_calendars = Table(
+    "external_calendars",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("provider_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("credentials", Text, nullable=True),
+    Column("show_titles", Boolean, nullable=False, server_default="0"),
+    Column("collection_path", String(1024), nullable=True),
+    Column("state", Text, nullable=False, server_default="{}"),
+    Column("last_success_at", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("next_run_at", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+Index("ix_external_calendars_provider", external_calendars.c.provider_id)
+Index("ix_external_calendars_due", external_calendars.c.next_run_at)
+
+# What a busy source's last pull saw: remote href -> ETag and the mirrored item's local href, so a
+# cycle fetches only what changed and deletes what disappeared.
+external_items = Table(
+    "external_items",
+    metadata,
+    Column(
+        "calendar_id",
+        String(36),
+        ForeignKey("external_calendars.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("remote_href", String(1024), primary_key=True),
+    Column("etag", String(200), nullable=False, server_default=""),
+    Column("local_href", String(300), nullable=False),
+)
+
+# Dashboard logins (/app/): the cookie carries a random token; only its SHA-256 is stored.
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("csrf_secret", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)
+Index("ix_web_sessions_user", web_sessions.c.user_id)
