@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 
 from bookdav.booking.availability import (
     APPOINTMENTS_CALENDAR,
+    ProviderCalendars,
     provider_and_service,
     provider_calendars,
     resource_calendars,
@@ -176,8 +177,8 @@ def book(
         attendees = [*members, appointment]
     text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
     ignoring = appointment.event_uid if len(attendees) > 1 else None  # the group's own event
-    _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
-    _write_event(conn, provider, service, appointment, text, times)
+    owned = _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
+    _write_event(conn, provider, service, appointment, text, times, owned)
     store.insert_appointment(conn, appointment)
     _announce(conn, "appointment.created", appointment)
     return Booked(appointment, service, provider)
@@ -205,10 +206,10 @@ def reschedule(
         exceptions="{}",
     )
     text, times = _event(moved, provider, service, [moved], manage_url_base)
-    _require_bookable(
+    owned = _require_bookable(
         conn, provider, service, rules, times.occurrences, now, ignoring_uid=current.event_uid
     )
-    _write_event(conn, provider, service, moved, text, times)
+    _write_event(conn, provider, service, moved, text, times, owned)
     updated = store.update_appointment(
         conn,
         current.id,
@@ -448,9 +449,9 @@ def _require_bookable(
     wanted: Sequence[occ.Occurrence],
     now: int,
     ignoring_uid: str | None = None,
-) -> None:
+) -> ProviderCalendars:
     """Each wanted occurrence must be a free slot now: else `NotBookable` or `SlotTaken`, listing
-    the occurrences at fault."""
+    the occurrences at fault. Returns the provider's calendars it read, for the write."""
     if not wanted:
         raise NotBookable("the recurrence yields no occurrence")
     if len(wanted) > MAX_OCCURRENCES:
@@ -480,6 +481,7 @@ def _require_bookable(
         )
     if taken:
         raise SlotTaken("this time is no longer free", conflicts=[_iso(start) for start in taken])
+    return owned
 
 
 def _slot_verdict(
@@ -520,14 +522,13 @@ def _write_event(
     appointment: Appointment,
     text: str,
     times: occ.ItemTimes,
+    owned: ProviderCalendars | None = None,
 ) -> None:
-    """The same VEVENT into the provider's Appointments calendar and each resource's calendar."""
+    """The same VEVENT into the provider's Appointments calendar and each resource's calendar.
+    `owned`: the provider's calendars, if the caller has just read them."""
     appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
-    targets = [
-        c
-        for c in calendars.child_collections(conn, provider.username)
-        if c.path == appointments_path
-    ]
+    owned = owned or provider_calendars(conn, provider)
+    targets = [c for c in owned.busy if c.path == appointments_path]
     if not targets:
         raise NotFound(f"provider {provider.id} has no appointments calendar")
     for collection in [*targets, *resource_calendars(conn, service)]:
