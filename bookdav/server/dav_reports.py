@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import posixpath
 import re
 import xml.etree.ElementTree as ET
 import zlib
@@ -54,6 +53,30 @@ RECURRENCE_KEYS = frozenset({"rrule", "rdate", "exrule", "exdate"})
 VEVENT_FIRST_KEYS = ("uid", "recurrence-id", "dtstart", "duration", "dtend")
 UTC_VALUE = re.compile(r"^\d{8}T\d{6}Z$")
 LOCAL_VALUE = re.compile(r"^\d{8}T\d{6}$")
+
+
+class _Memo:
+    """A bounded memo of facts derived from an item's stored text, keyed by what determines them
+    (the ETag is a hash of the text, so a changed item is a new key). Cleared whole when full:
+    cheap, and the hot set refills on the next query. Plain dict operations: thread-safe enough
+    for reader threads that at worst compute the same value twice."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._values: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        return self._values.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._values) >= self._size:
+            self._values.clear()
+        self._values[key] = value
+
+
+_VEVENT_COUNTS = _Memo(100_000)
+_PLAIN_FREE_BUSY = _Memo(100_000)
+_EXPANSIONS = _Memo(20_000)
 
 
 def _clark(human_tag: str) -> str:
@@ -436,7 +459,7 @@ def free_busy_text(
         instances = indexed.get(stored.id, [])
         if max_occurrence and len(instances) >= max_occurrence:
             raise FallThrough("free-busy occurrence limit")
-        if _fully_indexed(stored, end_utc) and _plain_free_busy(stored.text):
+        if _fully_indexed(stored, end_utc) and _plain_free_busy(stored):
             periods.extend(
                 (max(i.start_utc, start_utc), min(i.end_utc, end_utc), "BUSY")
                 for i in instances
@@ -454,8 +477,17 @@ def free_busy_text(
     return render_free_busy(periods, query)
 
 
-def _plain_free_busy(text: str) -> bool:
-    """Whether the index's busy instances are exactly Radicale's BUSY periods for this item."""
+def _plain_free_busy(stored: calendars.StoredItem) -> bool:
+    """Whether the index's busy instances are exactly Radicale's BUSY periods for this item
+    (remembered per ETag: reading the shape was most of a free-busy query's time)."""
+    plain = _PLAIN_FREE_BUSY.get(stored.etag)
+    if plain is None:
+        plain = _plain_free_busy_text(stored.text)
+        _PLAIN_FREE_BUSY.put(stored.etag, plain)
+    return bool(plain)
+
+
+def _plain_free_busy_text(text: str) -> bool:
     shape = shape_of(text)
     if shape is None or shape.others:
         return False
@@ -511,19 +543,56 @@ def calendar_query_multistatus(
     query: CalendarQuery,
     base_prefix: str,
     max_occurrence: int,
-) -> ET.Element:
-    """The multistatus Radicale's `xml_report` builds for this query, from index candidates."""
-    if not query.expand:
-        return _plain_multistatus(conn, collection, query, base_prefix, max_occurrence)
+) -> bytes:
+    """The multistatus Radicale's `xml_report` builds for this query, from index candidates,
+    written as text (as `sync_multistatus` is): ElementTree and Radicale's href helpers cost
+    ~40 us an item, more than the query itself once a week holds hundreds of events."""
+    found = (
+        _expanded_items(conn, collection, query, max_occurrence)
+        if query.expand
+        else _plain_items(conn, collection, query, max_occurrence)
+    )
+    prefix = f"{base_prefix}/{collection.path}/"
+    responses = [
+        f"<response><href>{_xml_text(quote(prefix + stored.href))}</href><propstat><prop>"
+        + "".join(_prop_xml(tag, stored.etag, calendar_text) for tag in query.props)
+        + "</prop><status>HTTP/1.1 200 OK</status></propstat></response>"
+        for stored, calendar_text in found
+    ]
+    if not responses:
+        return b"<?xml version='1.0' encoding='utf-8'?>\n<multistatus xmlns=\"DAV:\" />"
+    caldav = ' xmlns:C="urn:ietf:params:xml:ns:caldav"' if _CALENDAR_DATA in query.props else ""
+    head = f"<?xml version='1.0' encoding='utf-8'?>\n<multistatus xmlns=\"DAV:\"{caldav}>"
+    return (head + "".join(responses) + "</multistatus>").encode(ENCODING)
+
+
+_GETETAG = _clark("D:getetag")
+_CALENDAR_DATA = _clark("C:calendar-data")
+
+
+def _prop_xml(tag: str, etag: str, calendar_text: str) -> str:
+    """One property as ElementTree writes it under `xml_bytes`'s namespace declarations."""
+    if tag == _GETETAG:
+        return f"<getetag>{_xml_text(etag)}</getetag>"
+    return f"<C:calendar-data>{_xml_text(calendar_text)}</C:calendar-data>"
+
+
+def _expanded_items(
+    conn: Connection,
+    collection: calendars.Collection,
+    query: CalendarQuery,
+    max_occurrence: int,
+) -> list[tuple[calendars.StoredItem, str]]:
+    """Each candidate with its expanded calendar-data, as Radicale's expand answers."""
     range_start, range_end = _seconds(query.range_start), _seconds(query.range_end)
     low = range_start - CANDIDATE_MARGIN_SECONDS
     high = range_end + CANDIDATE_MARGIN_SECONDS
     candidates = calendars.items_in_range(conn, collection, low, high, "VEVENT")
     indexed = instances_in_range(conn, collection, low, high)
-    multistatus = ET.Element(_clark("D:multistatus"))
+    found: list[tuple[calendars.StoredItem, str]] = []
     expanded_count = 0
     for stored, _ in candidates:
-        expansion = _template_expansion(
+        expansion = _remembered_expansion(
             stored, indexed.get(stored.id, []), query, high, max_occurrence
         )
         if expansion is None:
@@ -532,34 +601,26 @@ def calendar_query_multistatus(
         calendar_text, instance_count = expansion
         if instance_count == 0:
             continue  # Radicale drops both properties, so the whole response
-        found_props: list[ET.Element] = []
-        for tag in query.props:
-            # Radicale expands once per property and counts each towards its limit.
-            expanded_count += instance_count
-            if max_occurrence and expanded_count > max_occurrence:
-                raise OverLimit("expand occurrence limit")
-            element = ET.Element(tag)
-            element.text = stored.etag if tag == _clark("D:getetag") else calendar_text
-            found_props.append(element)
-        uri = pathutils.unstrip_path(posixpath.join(collection.path, stored.href))
-        multistatus.append(
-            radicale_report.xml_item_response(base_prefix, uri, found_props=found_props)
-        )
-    return multistatus
+        # Radicale expands once per property and counts each towards its limit.
+        expanded_count += instance_count * len(query.props)
+        if max_occurrence and expanded_count > max_occurrence:
+            raise OverLimit("expand occurrence limit")
+        found.append((stored, calendar_text))
+    return found
 
 
-def _plain_multistatus(
+def _plain_items(
     conn: Connection,
     collection: calendars.Collection,
     query: CalendarQuery,
-    base_prefix: str,
     max_occurrence: int,
-) -> ET.Element:
+) -> list[tuple[calendars.StoredItem, str]]:
     """Without expand, Radicale serves the stored text of what our storage plugin's
     `get_filtered` returns, re-testing only the uncertain candidates: the same here."""
     start_utc, end_utc = _seconds(query.range_start), _seconds(query.range_end)
-    multistatus = ET.Element(_clark("D:multistatus"))
+    found: list[tuple[calendars.StoredItem, str]] = []
     event_count = 0
+    with_data = _CALENDAR_DATA in query.props
     for stored, exact in calendars.items_in_range(conn, collection, start_utc, end_utc, "VEVENT"):
         if not exact:
             item = _radicale_item(collection, stored)
@@ -570,25 +631,22 @@ def _plain_multistatus(
                     continue
             except Exception as exc:  # Radicale answers (400) for what its own code rejects
                 raise FallThrough(str(exc)) from exc
-        found_props: list[ET.Element] = []
-        for tag in query.props:
-            element = ET.Element(tag)
-            if tag == _clark("D:getetag"):
-                element.text = stored.etag
-            else:
-                element.text = stored.text
-                # Radicale's anti-DoS count: VEVENTs served, checked after each property.
-                event_count += sum(
-                    1 for line in stored.text.splitlines() if line.upper() == "BEGIN:VEVENT"
-                )
-            found_props.append(element)
+        if with_data:
+            # Radicale's anti-DoS count: VEVENTs served, checked after each property.
+            event_count += _vevent_count(stored)
             if max_occurrence and event_count > max_occurrence:
                 raise OverLimit("occurrence limit")
-        uri = pathutils.unstrip_path(posixpath.join(collection.path, stored.href))
-        multistatus.append(
-            radicale_report.xml_item_response(base_prefix, uri, found_props=found_props)
-        )
-    return multistatus
+        found.append((stored, stored.text))
+    return found
+
+
+def _vevent_count(stored: calendars.StoredItem) -> int:
+    """How many `BEGIN:VEVENT` lines Radicale counts in the item (remembered per ETag)."""
+    count = _VEVENT_COUNTS.get(stored.etag)
+    if count is None:
+        count = sum(1 for line in stored.text.splitlines() if line.upper() == "BEGIN:VEVENT")
+        _VEVENT_COUNTS.put(stored.etag, count)
+    return count
 
 
 def _radicale_expansion(item: Any, query: CalendarQuery, max_occurrence: int) -> tuple[str, int]:
@@ -611,6 +669,33 @@ def _radicale_expansion(item: Any, query: CalendarQuery, max_occurrence: int) ->
     except Exception as exc:  # Radicale answers (400) for what its own code rejects
         raise FallThrough(str(exc)) from exc
     return expanded.text or "", count
+
+
+def _remembered_expansion(
+    stored: calendars.StoredItem,
+    instances: list[_Instance],
+    query: CalendarQuery,
+    candidates_end: int,
+    max_occurrence: int,
+) -> tuple[str, int] | None:
+    """`_template_expansion`, remembered per item version and query range: a calendar app asks
+    for the same weeks again and again. The key holds all the answer depends on: the text (its
+    ETag; the template path takes only UTC or item-defined zones, never the collection's), how far
+    the item is indexed, and the ranges (its instances in them follow from those)."""
+    key = (
+        stored.etag,
+        stored.indexed_until,
+        query.range_start,
+        query.range_end,
+        query.expand_start,
+        query.expand_end,
+        max_occurrence,
+    )
+    found = _EXPANSIONS.get(key)
+    if found is None:
+        found = _template_expansion(stored, instances, query, candidates_end, max_occurrence)
+        _EXPANSIONS.put(key, found or "radicale")  # None: Radicale's code must expand it
+    return None if found == "radicale" else found
 
 
 def _template_expansion(
@@ -852,7 +937,7 @@ def _calendar_query_unit(
     collection = calendars.get_collection(conn, path)
     if collection is None or collection.tag != "VCALENDAR":
         return None
-    return xml_bytes(calendar_query_multistatus(conn, collection, query, prefix, limit))
+    return calendar_query_multistatus(conn, collection, query, prefix, limit)
 
 
 def _sync_unit(conn: Connection, path: str, query: SyncQuery, prefix: str) -> bytes | None:
