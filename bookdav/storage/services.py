@@ -7,10 +7,12 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, insert, select, text, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
+from bookdav.storage import sql
 from bookdav.storage.resources import set_service_resources
 from bookdav.storage.schema import service_providers, service_resources, services, users
 
@@ -125,13 +127,13 @@ def get_service(conn: Connection, service_id: str) -> ServiceRecord | None:
 
 
 # The booking path's queries as text (a third of the cost of the same Core selects, measured).
-_SERVICE_OFFERED = text(
+_SERVICE_OFFERED = (
     "SELECT services.* FROM services JOIN service_providers"
     " ON service_providers.service_id = services.id"
     " WHERE services.id = :service_id AND services.deleted_at IS NULL"
     " AND service_providers.provider_id = :provider_id"
 )
-_SERVICE_RESOURCES = text(
+_SERVICE_RESOURCES = (
     "SELECT resource_id FROM service_resources WHERE service_id = :service_id ORDER BY resource_id"
 )
 
@@ -140,11 +142,11 @@ def service_offered_by(conn: Connection, service_id: str, provider_id: str) -> S
     """The live service if `provider_id` offers it (two queries: slot search and booking); its
     `provider_ids` holds only that provider."""
     parameters = {"service_id": service_id, "provider_id": provider_id}
-    row = conn.execute(_SERVICE_OFFERED, parameters).first()
-    if row is None:
+    found = sql.mappings(conn, _SERVICE_OFFERED, parameters)
+    if not found:
         return None
-    needs = tuple(conn.execute(_SERVICE_RESOURCES, parameters).scalars())
-    return _record(row, (provider_id,), needs)
+    needs = tuple(row[0] for row in sql.rows(conn, _SERVICE_RESOURCES, parameters))
+    return _record(SimpleNamespace(**found[0]), (provider_id,), needs)
 
 
 def list_services(

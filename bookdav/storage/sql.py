@@ -86,3 +86,12 @@ def first(
 def scalar(conn: Connection, sql: str, params: Mapping[str, Any] | None = None) -> Any:
     row = execute(conn, sql, params).fetchone()
     return None if row is None else row[0]
+
+
+def mappings(
+    conn: Connection, sql: str, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Rows as column name -> value (for `SELECT table.*`, whose column list may grow)."""
+    cursor = execute(conn, sql, params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
