@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
+
+from bookdav.storage import sql
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,6 +75,7 @@ class Database:
         self._sqlite_writer_mutex = threading.Lock()
         threads = writer_threads or (1 if self.is_sqlite else 8)
         self._writer_pool = ThreadPoolExecutor(threads, thread_name_prefix="db-write")
+        self._group_writer = GroupWriter(self) if self.is_sqlite else None
         self._reader_pool = ThreadPoolExecutor(8, thread_name_prefix="db-read")
 
     def _sqlite_engine(self, *, begin: str) -> Engine:
@@ -127,7 +131,12 @@ class Database:
         principals: Iterable[str] = (),
         **kwargs: Any,
     ) -> T:
-        """Run `fn(conn, *args, **kwargs)` whole inside `write(principals)` on a writer thread."""
+        """Run `fn(conn, *args, **kwargs)` whole inside `write(principals)` on a writer thread.
+        On SQLite, units of work that queue up while one commits are committed together (each in
+        its own savepoint: see `GroupWriter`); to the caller that is the same."""
+        if self._group_writer is not None:
+            unit: Callable[[Connection], T] = lambda conn: fn(conn, *args, **kwargs)  # noqa: E731
+            return await asyncio.wrap_future(self._group_writer.submit(unit))
         principals = tuple(principals)
 
         def unit_of_work() -> T:
@@ -154,11 +163,110 @@ class Database:
             raise DatabaseUnavailable(_first_line(exc)) from exc
 
     def close(self) -> None:
+        if self._group_writer is not None:
+            self._group_writer.stop()
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
         self._write_engine.dispose()
         if self._read_engine is not self._write_engine:
             self._read_engine.dispose()
+
+
+class GroupWriter:
+    """SQLite's one writer thread, with group commit.
+
+    A COMMIT was the largest single cost of a booking on SQLite (about a sixth of the writer
+    thread's time under load), and only one writer runs at a time anyway. So the thread takes the
+    next unit of work and every other one already waiting (up to `MAX_GROUP`), runs them one after
+    the other in one transaction, each inside its own SAVEPOINT, and commits once. A unit that
+    raises is rolled back to its savepoint and gets its exception; the others are unaffected, as
+    if each had its own transaction (they run in order and see each other's writes, as serial
+    transactions would). No caller hears of success before the COMMIT has succeeded; if it fails,
+    every unit of the group gets the error and nothing of it is stored. Nobody waits for a group
+    to fill: a lone unit commits at once.
+    """
+
+    MAX_GROUP = 64
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._jobs: queue.SimpleQueue[tuple[Callable[[Connection], Any], Future[Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="db-write", daemon=True)
+        self._started = False
+        self._start_lock = threading.Lock()
+        self.largest_group = 0  # for tests and curiosity
+
+    def submit(self, fn: Callable[[Connection], T]) -> Future[T]:
+        future: Future[T] = Future()
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    self._thread.start()
+                    self._started = True
+        self._jobs.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        if self._started:
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            group = [first]
+            stopping = False
+            while len(group) < self.MAX_GROUP:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                group.append(job)
+            self._commit([job for job in group if job[1].set_running_or_notify_cancel()])
+            if stopping:
+                return
+
+    def _commit(self, group: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+        if not group:
+            return
+        self.largest_group = max(self.largest_group, len(group))
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self._database.write() as conn:
+                if len(group) == 1:
+                    outcomes.append(_outcome(group[0][0], conn))
+                else:
+                    for fn, _ in group:
+                        sql.execute(conn, "SAVEPOINT bookdav_unit")
+                        outcome = _outcome(fn, conn)
+                        if not outcome[0]:
+                            sql.execute(conn, "ROLLBACK TO SAVEPOINT bookdav_unit")
+                        sql.execute(conn, "RELEASE SAVEPOINT bookdav_unit")
+                        outcomes.append(outcome)
+                if len(group) == 1 and not outcomes[0][0]:
+                    raise outcomes[0][1]  # a lone unit: its own transaction rolls back
+        except BaseException as exc:
+            for _, future in group:
+                future.set_exception(exc)
+            return
+        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _outcome(fn: Callable[[Connection], Any], conn: Connection) -> tuple[bool, Any]:
+    try:
+        return True, fn(conn)
+    except Exception as exc:
+        return False, exc
 
 
 def _first_line(exc: BaseException) -> str:
