@@ -43,6 +43,7 @@ def environment() -> jinja2.Environment:
     env.filters["local_time"] = local_time
     env.filters["local_day"] = local_day
     env.filters["local_date_iso"] = local_date_iso
+    env.filters["local_short_day"] = local_short_day
     return env
 
 
@@ -53,6 +54,11 @@ def local_time(instant: int, zone: str) -> str:
 def local_day(instant: int, zone: str) -> str:
     moment = datetime.fromtimestamp(instant, ZoneInfo(zone))
     return f"{moment:%A} {moment.day} {moment:%B %Y}"
+
+
+def local_short_day(instant: int, zone: str) -> str:
+    moment = datetime.fromtimestamp(instant, ZoneInfo(zone))
+    return f"{moment:%a} {moment.day} {moment:%b}"
 
 
 def local_date_iso(instant: int, zone: str) -> str:
