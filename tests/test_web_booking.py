@@ -7,20 +7,24 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import caldav
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
+from sqlalchemy import select
 
 from bookdav.storage.appointments import appointment_by_token
 from bookdav.storage.db import database_for
+from bookdav.storage.schema import appointments
 from tests.conftest import RunningServer
 from tests.test_availability import next_monday
 from tests.web_helpers import BookablePage, bookable, check_page, chromium, tab_to
 
 NEW_YORK = "America/New_York"
 BERLIN = "Europe/Berlin"
+BOOKED = "You\u2019re booked"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,7 @@ def test_new_york_visitor_books_a_berlin_provider_end_to_end(
     check_page(page, "4-details-errors")
     fill_details_and_book(page, "Nora York", "nora@example.org", "First visit")
 
-    expect(page.get_by_role("heading", level=1)).to_have_text("You’re booked")
+    expect(page.get_by_role("heading", level=1)).to_have_text(BOOKED)
     berlin = local(start, BERLIN)
     summary = page.locator("dl.summary")
     expect(summary).to_contain_text(f"{shown.day} {shown:%B %Y}, {shown:%H:%M}")
@@ -111,7 +115,7 @@ def test_new_york_visitor_books_a_berlin_provider_end_to_end(
 
     with page.expect_download() as download:
         page.get_by_role("link", name="Add to calendar (.ics)").click()
-    ics = open(download.value.path(), encoding="utf-8").read()
+    ics = Path(download.value.path()).read_text(encoding="utf-8")
     assert "BEGIN:VEVENT" in ics and "Nora York" in ics
 
     # The event is in the provider's calendar, seen over CalDAV.
@@ -147,7 +151,7 @@ def book_slot(page: Page, booking_page: BookablePage, name: str) -> tuple[int, s
     start = slot_starts(page)[0]
     page.locator("#times button.slot").first.click()
     fill_details_and_book(page, name, f"{name.split()[0].lower()}@example.org")
-    expect(page.get_by_role("heading", level=1)).to_have_text("You’re booked")
+    expect(page.get_by_role("heading", level=1)).to_have_text(BOOKED)
     return start, manage_token(page)
 
 
@@ -218,7 +222,7 @@ def test_a_slot_taken_meanwhile_shows_the_next_free_ones(
     check_page(slow, "9-slot-taken")
     slow.locator(".notice button.slot").first.click()
     fill_details_and_book(slow, "Sam Slow", "sam@example.org")
-    expect(slow.get_by_role("heading", level=1)).to_have_text("You’re booked")
+    expect(slow.get_by_role("heading", level=1)).to_have_text(BOOKED)
 
 
 def test_booking_works_with_javascript_disabled(server: RunningServer, browser: Browser) -> None:
@@ -237,7 +241,7 @@ def test_booking_works_with_javascript_disabled(server: RunningServer, browser: 
     start = slot_starts(page)[0]
     page.locator("#times button.slot").first.click()
     fill_details_and_book(page, "Nina NoScript", "nina@example.org")
-    expect(page.get_by_role("heading", level=1)).to_have_text("You’re booked")
+    expect(page.get_by_role("heading", level=1)).to_have_text(BOOKED)
     shown = local(start, NEW_YORK)
     expect(page.locator("dl.summary")).to_contain_text(f"{shown:%H:%M}")
     shoot_name = "10-nojs-confirmation"
@@ -254,10 +258,6 @@ def test_booking_works_with_javascript_disabled(server: RunningServer, browser: 
 
 def manage_token_from(page: Page, start: int, booking_page: BookablePage) -> str:
     with database_for(booking_page.provider.server.database_url).read() as conn:
-        from sqlalchemy import select
-
-        from bookdav.storage.schema import appointments
-
         row = conn.execute(
             select(appointments.c.manage_token).where(
                 appointments.c.provider_id == booking_page.provider.user_id,
@@ -287,7 +287,7 @@ def test_keyboard_only_booking(server: RunningServer, new_york: BrowserContext) 
     page.keyboard.type("Booked without a mouse")
     tab_to(page, "button.primary")
     page.keyboard.press("Enter")
-    expect(page.get_by_role("heading", level=1)).to_have_text("You’re booked")
+    expect(page.get_by_role("heading", level=1)).to_have_text(BOOKED)
     expect(page.locator("dl.summary")).to_contain_text(f"{local(start, NEW_YORK):%H:%M}")
 
 
