@@ -351,8 +351,8 @@ async def _services_page(
         forms.append(
             {
                 "service": service,
-                "values": values if mine and values else _service_values(service),
-                "errors": errors if mine and errors else {},
+                "fields": values if mine and values else _service_values(service),
+                "field_errors": errors if mine and errors else {},
             }
         )
     blank = {"name": "", "duration": "30", "description": "", "notice": "60"}
