@@ -125,7 +125,6 @@ def launch(folder: Path, *args: str, server_extra: str = "", **config: Any) -> L
         stderr=log,
         text=True,
         env=clean_env(),
-        cwd=folder,
     )
     assert process.stdout is not None
     first = process.stdout.readline()

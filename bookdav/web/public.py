@@ -344,7 +344,7 @@ def _manage_context(request: web.Request, managed: Managed, zone: str) -> dict[s
         "booked": "booked" in request.query,
         "moved": "moved" in request.query,
         "error": "",
-        "can_change": appointment.status == "confirmed" and appointment.end_utc > time.time(),
+        "can_change": _changeable(managed, time.time()),
     }
 
 
@@ -376,6 +376,14 @@ async def manage_ics(request: web.Request) -> web.StreamResponse:
         charset="utf-8",
         headers={"Content-Disposition": 'attachment; filename="appointment.ics"'},
     )
+
+
+def _changeable(managed: Managed, now: float) -> bool:
+    try:
+        _require_changeable(managed, now)
+    except PolicyViolation:
+        return False
+    return True
 
 
 def _require_changeable(managed: Managed, now: float) -> None:
