@@ -192,6 +192,7 @@ def test_reschedule_through_the_manage_link_moves_the_booking(
     expect(page.get_by_role("heading", level=1)).to_have_text("Appointment moved")
     moved = local(later, NEW_YORK)
     expect(page.locator("dl.summary")).to_contain_text(f"{moved:%H:%M}")
+    check_page(page, "8b-moved")
 
     open_day(page, booking_page.url, start, NEW_YORK)
     free = slot_starts(page)
@@ -220,6 +221,9 @@ def test_a_slot_taken_meanwhile_shows_the_next_free_ones(
     ]
     assert offered and start not in offered and offered[0] > start
     check_page(slow, "9-slot-taken")
+    path = booking_page.url.split("://", 1)[1].split("/", 1)[1]
+    day_link = slow.locator("a.day").first.get_attribute("href") or ""
+    assert day_link.startswith(f"/{path}?"), day_link  # the calendar still leads to the picker
     slow.locator(".notice button.slot").first.click()
     fill_details_and_book(slow, "Sam Slow", "sam@example.org")
     expect(slow.get_by_role("heading", level=1)).to_have_text(BOOKED)
