@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
 
@@ -269,3 +269,28 @@ def test_serve_demo_prints_a_booking_link_that_books(tmp_path: Path) -> None:
         assert not any("password" in line for line in again.banner)
     finally:
         again.stop()
+
+
+def test_a_time_that_was_never_free_shows_the_picker_again_with_the_form_refused(
+    server: RunningServer,
+) -> None:
+    page = bookable(server)
+    session = requests.Session()
+    monday = next_monday()
+    off_grid = stamp(monday, 9, 7)  # 09:07 Berlin: inside hours, but not on the slot grid
+    start = int(datetime.strptime(off_grid, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp())
+    details = session.get(f"{page.url}/details", params={"start": start, "tz": "Europe/Berlin"})
+    answer = session.post(
+        f"{page.url}/details",
+        data={
+            "csrf_token": form_token(details.text),
+            "start": str(start),
+            "tz": "Europe/Berlin",
+            "name": "Gus Grid",
+            "email": "gus@example.org",
+        },
+        allow_redirects=False,
+    )
+    assert answer.status_code == 422
+    assert "That time cannot be booked" in answer.text
+    assert 'class="slot"' in answer.text  # the next free times, as buttons

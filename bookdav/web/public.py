@@ -31,6 +31,8 @@ routes = web.RouteTableDef()
 log = logging.getLogger("bookdav.web")
 
 ZONE_COOKIE = "bookdav_tz"
+TAKEN_NOTICE = "Sorry, that time was just taken. Please choose another one."
+NOT_BOOKABLE_NOTICE = "That time cannot be booked. Please choose one of the free times."
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_NAME = 200
 MAX_EMAIL = 320
@@ -298,6 +300,7 @@ async def book(request: web.Request) -> web.StreamResponse:
             )
     except (booking.SlotTaken, booking.NotBookable) as exc:
         log_event(log, "web booking lost its slot", provider=provider.username, reason=str(exc))
+        notice = TAKEN_NOTICE if isinstance(exc, booking.SlotTaken) else NOT_BOOKABLE_NOTICE
         context = {
             "provider": provider,
             "service": service,
@@ -312,8 +315,8 @@ async def book(request: web.Request) -> web.StreamResponse:
             service.id,
             zone,
             context,
-            status=409,
-            notice="Sorry, that time was just taken. Please choose another one.",
+            status=exc.status,
+            notice=notice,
             after=start,
         )
     appointment = booked.appointment
@@ -473,13 +476,14 @@ async def reschedule(request: web.Request) -> web.StreamResponse:
             _base_url(request),
             principals=principals,
         )
-    except (booking.SlotTaken, booking.NotBookable):
+    except (booking.SlotTaken, booking.NotBookable) as exc:
+        taken = isinstance(exc, booking.SlotTaken)
         return await _reschedule_picker(
             request,
             managed,
             zone,
-            status=409,
-            notice="Sorry, that time was just taken. Please choose another one.",
+            status=exc.status,
+            notice=TAKEN_NOTICE if taken else NOT_BOOKABLE_NOTICE,
             after=start,
         )
     log_event(log, "web reschedule", appointment_id=managed.appointment.id)

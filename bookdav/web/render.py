@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,8 @@ from bookdav.booking.errors import BookdavError
 from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 from bookdav.web import csrf
+
+error_log = logging.getLogger("bookdav.server")
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -136,6 +139,16 @@ def html_errors(handler: Handler) -> Handler:
             if retry is not None:
                 response.headers["Retry-After"] = str(retry)
             return response
+        except web.HTTPException:
+            raise
+        except Exception:
+            error_log.exception("unhandled error", extra={"fields": {"path": request.path}})
+            return error_page(
+                request,
+                500,
+                "Something went wrong",
+                "The server failed and the error is logged. Please try again in a moment.",
+            )
 
     return wrapped
 
