@@ -248,6 +248,12 @@ def _serve(settings: Settings, demo: bool = False) -> int:
         from bookdav.web.demo import ensure_demo
 
         demo_account = ensure_demo(database)
+        if demo_account is None:
+            log_event(
+                log,
+                "--demo: the database has providers already; no demo made",
+                level=logging.WARNING,
+            )
     return asyncio.run(_run_server(settings, listener, demo_account))
 
 
