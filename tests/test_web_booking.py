@@ -248,6 +248,7 @@ def test_booking_works_with_javascript_disabled(server: RunningServer, browser: 
     expect(page.get_by_role("heading", level=1)).to_have_text(BOOKED)
     shown = local(start, NEW_YORK)
     expect(page.locator("dl.summary")).to_contain_text(f"{shown:%H:%M}")
+    expect(page.get_by_role("button", name="Copy")).to_be_hidden()  # needs the script
     shoot_name = "10-nojs-confirmation"
     check_page(page, shoot_name, axe=False)
 
