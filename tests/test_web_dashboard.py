@@ -107,13 +107,16 @@ def test_provider_manages_appointments_hours_and_services(
     page.get_by_role("link", name="Hours").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Weekly hours")
     page.locator("input[name=SU_open]").check()
-    page.get_by_label("Sunday opens").fill("18:00")
-    page.get_by_label("Sunday closes").fill("09:00")
+    page.get_by_label("Sunday opens", exact=True).fill("18:00")
+    page.get_by_label("Sunday closes", exact=True).fill("09:00")
     page.get_by_role("button", name="Save hours").click()
     expect(page.get_by_role("alert")).to_contain_text("Sunday: closing time must be after")
     check_page(page, "22-hours-error")
-    page.get_by_label("Sunday opens").fill("10:00")
-    page.get_by_label("Sunday closes").fill("14:00")
+    page.get_by_label("Sunday opens", exact=True).fill("10:00")
+    page.get_by_label("Sunday closes", exact=True).fill("14:00")
+    page.get_by_label("Monday closes", exact=True).fill("12:00")  # a lunch break
+    page.get_by_label("Monday opens again (optional)").fill("13:00")
+    page.get_by_label("Monday closes again (optional)").fill("17:00")
     page.get_by_role("button", name="Save hours").click()
     expect(page.get_by_role("status")).to_have_text("Hours saved.")
     check_page(page, "23-hours")
@@ -121,7 +124,10 @@ def test_provider_manages_appointments_hours_and_services(
         f"{server.base_url}/api/v1/providers/{provider.user_id}/availability"
     ).json()["timeSlots"]
     assert {"dayOfWeek": "SU", "startTime": "10:00", "endTime": "14:00"} in hours
+    assert {"dayOfWeek": "MO", "startTime": "09:00", "endTime": "12:00"} in hours
+    assert {"dayOfWeek": "MO", "startTime": "13:00", "endTime": "17:00"} in hours
     assert sum(1 for slot in hours if slot["startTime"] == "09:00") == 5
+    expect(page.get_by_label("Monday opens again (optional)")).to_have_value("13:00")
 
     page.get_by_role("link", name="Services").click()
     new = page.locator("fieldset", has_text="Add a service")

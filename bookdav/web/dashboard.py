@@ -229,14 +229,32 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 # --- weekly hours --------------------------------------------------------------------------
 
 
-def _hours_rows(hours: WorkingHours | None) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {
-        day: {"open": False, "start": "09:00", "end": "17:00"} for day in DAYS
-    }
+BLOCKS_PER_DAY = 2  # the editor shows two blocks a day (e.g. a lunch break)
+
+
+def _hours_rows(hours: WorkingHours | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Editor rows per weekday, and the days whose hours the editor cannot show whole (more
+    blocks than it has, or open until midnight), set through the API or a calendar app."""
+    blocks: dict[str, list[tuple[str, str]]] = {day: [] for day in DAYS}
     for block in hours.hours if hours else ():
         for day in block.days:
-            rows[day] = {"open": True, "start": block.start_text, "end": block.end_text}
-    return rows
+            blocks[day].append((block.start_text, block.end_text))
+    rows: dict[str, dict[str, Any]] = {}
+    partial = []
+    for day in DAYS:
+        found = sorted(blocks[day])
+        if len(found) > BLOCKS_PER_DAY or any(end == "24:00" for _, end in found):
+            partial.append(DAY_NAMES[day])
+        first = found[0] if found else ("09:00", "17:00")
+        second = found[1] if len(found) > 1 else ("", "")
+        rows[day] = {
+            "open": bool(found),
+            "start": first[0],
+            "end": first[1],
+            "start2": second[0],
+            "end2": second[1],
+        }
+    return rows, partial
 
 
 @routes.get("/app/hours")
@@ -244,8 +262,10 @@ def _hours_rows(hours: WorkingHours | None) -> dict[str, dict[str, Any]]:
 async def hours_page(request: web.Request) -> web.StreamResponse:
     session = await _session(request)
     hours = await request.app[DATABASE].run_read(working_hours, session.user)
+    rows, partial = _hours_rows(hours)
     context = {
-        "rows": _hours_rows(hours),
+        "rows": rows,
+        "partial": partial,
         "errors": {},
         "day_names": DAY_NAMES,
         "saved": "saved" in request.query,
@@ -270,21 +290,41 @@ async def save_hours(request: web.Request) -> web.StreamResponse:
     errors: dict[str, str] = {}
     grouped: dict[tuple[tuple[int, int], tuple[int, int]], list[str]] = {}
     for day in DAYS:
+        row = {
+            key: form.get(f"{day}_{key}", "").strip() for key in ("start", "end", "start2", "end2")
+        }
         opened = form.get(f"{day}_open") == "on"
-        start_text = form.get(f"{day}_start", "").strip()
-        end_text = form.get(f"{day}_end", "").strip()
-        rows[day] = {"open": opened, "start": start_text, "end": end_text}
+        rows[day] = {"open": opened, **row}
         if not opened:
             continue
-        start, end = _wall(start_text), _wall(end_text)
+        name = DAY_NAMES[day]
+        start, end = _wall(row["start"]), _wall(row["end"])
         if start is None or end is None:
-            errors[day] = f"{DAY_NAMES[day]}: give opening and closing times as HH:MM."
-        elif end <= start:
-            errors[day] = f"{DAY_NAMES[day]}: closing time must be after opening time."
+            errors[day] = f"{name}: give opening and closing times as HH:MM."
+            continue
+        if end <= start:
+            errors[day] = f"{name}: closing time must be after opening time."
+            continue
+        grouped.setdefault((start, end), []).append(day)
+        if not row["start2"] and not row["end2"]:
+            continue
+        start2, end2 = _wall(row["start2"]), _wall(row["end2"])
+        if start2 is None or end2 is None:
+            errors[day] = f"{name}: give both times of the second block as HH:MM, or neither."
+        elif start2 < end:
+            errors[day] = f"{name}: the second block must start after the first one closes."
+        elif end2 <= start2:
+            errors[day] = f"{name}: the second block must close after it opens."
         else:
-            grouped.setdefault((start, end), []).append(day)
+            grouped.setdefault((start2, end2), []).append(day)
     if errors:
-        context = {"rows": rows, "errors": errors, "day_names": DAY_NAMES, "saved": False}
+        context = {
+            "rows": rows,
+            "partial": [],
+            "errors": errors,
+            "day_names": DAY_NAMES,
+            "saved": False,
+        }
         return _page(request, session, "hours.html", context, status=400)
     today = datetime.now(ZoneInfo(provider.timezone)).date()
     hours = WorkingHours(
