@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
@@ -23,6 +24,9 @@ from bookdav.config import ConfigError, Settings, find_config_path, load_setting
 from bookdav.logs import log_event, setup_logging
 from bookdav.storage.db import Database, DatabaseUnavailable, database_for
 from bookdav.storage.users import ROLES, UsernameTaken
+
+if TYPE_CHECKING:
+    from bookdav.web.demo import Demo
 
 log = logging.getLogger("bookdav")
 
@@ -49,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(serve)
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", help="listen port (overrides [server] port)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="create a demo provider with hours and services if there is no provider yet",
+    )
 
     user = commands.add_parser("user", help="manage accounts")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -85,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         setup_logging(settings.get("logging", "level"), settings.get("logging", "format"))
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, demo=args.demo)
         if args.command == "user":
             return _user_add(settings, args)
         if args.command == "token":
@@ -228,13 +237,24 @@ def _bootstrap_admin(database: Database) -> None:
     )
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, demo: bool = False) -> int:
     # Claim the port first: a port in use fails before anything is written to the database.
     listener = _listen(settings.get("server", "host"), settings.get("server", "port"))
     database = _open_database(settings)
     _migrate(database)
     _bootstrap_admin(database)
-    return asyncio.run(_run_server(settings, listener))
+    demo_account = None
+    if demo:
+        from bookdav.web.demo import ensure_demo
+
+        demo_account = ensure_demo(database)
+        if demo_account is None:
+            log_event(
+                log,
+                "--demo: the database has providers already; no demo made",
+                level=logging.WARNING,
+            )
+    return asyncio.run(_run_server(settings, listener, demo_account))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -245,7 +265,7 @@ def _listen(host: str, port: int) -> socket.socket:
         raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-async def _run_server(settings: Settings, listener: socket.socket) -> int:
+async def _run_server(settings: Settings, listener: socket.socket, demo: Demo | None = None) -> int:
     from aiohttp import web
 
     from bookdav.server.app import create_app
@@ -272,6 +292,11 @@ async def _run_server(settings: Settings, listener: socket.socket) -> int:
         f"  CalDAV: {base}/dav/\n  API:    {base}/api/v1/",
         flush=True,
     )
+    if demo is not None:
+        login = f" (sign in as {demo.username}" + (
+            f", password {demo.password})" if demo.password else ")"
+        )
+        print(f"  Book:   {base}/book/{demo.username}\n  Dashboard: {base}/app/{login}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

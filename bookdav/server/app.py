@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from bookdav import web as pages
 from bookdav.config import Settings
 from bookdav.server import api, background, dav, health, outbox_task
 from bookdav.server.keys import CREDENTIALS, DATABASE, SETTINGS
@@ -34,4 +35,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(health.routes)
     app.add_routes(dav.routes)
     api.add_routes(app)
+    pages.add_routes(app)
     return app
