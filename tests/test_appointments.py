@@ -143,6 +143,29 @@ def test_two_hundred_clients_racing_for_one_slot_get_one_booking(provider: Provi
     assert count_bookings(provider) == (1, 1)
 
 
+def test_the_early_look_refuses_only_what_book_would_refuse(provider: Provider) -> None:
+    """`refuse_early` (the stampede's shortcut on reader threads) says 409 for a taken slot, 422
+    for a never-bookable one, and nothing for a free one; `book` still decides under the lock."""
+    from bookdav.booking import appointments as booking
+    from bookdav.server.api.validation import iso_instant
+
+    taken = _api_instant(next_monday(8), 11)
+    assert book(provider, taken).status_code == 201
+    client = booking.Client("Early", "early@example.org", "UTC")
+
+    def look(start: str) -> None:
+        at = int(iso_instant(start, "start").timestamp())
+        request = booking.BookingRequest(provider.service_id, provider.user_id, at, client)
+        with database_for(provider.server.database_url).read() as conn:
+            booking.refuse_early(conn, request)
+
+    with pytest.raises(booking.SlotTaken):
+        look(taken)
+    with pytest.raises(booking.NotBookable):
+        look(_api_instant(next_monday(8), 10, 15))  # off the grid
+    look(_api_instant(next_monday(8), 12))  # free: no answer, `book` decides
+
+
 def test_a_retried_request_with_the_same_idempotency_key_books_once(provider: Provider) -> None:
     url = f"{provider.server.base_url}/api/v1/appointments"
     body = booking_body(provider, _api_instant(next_monday(7), 14))

@@ -441,6 +441,23 @@ def _event(
     return text, occ.ItemTimes("VEVENT", only.start_utc, only.end_utc, (only,), False, None)
 
 
+def refuse_early(conn: Connection, request: BookingRequest, now: int | None = None) -> None:
+    """A read-only look, outside any lock, at whether a single booking could still succeed:
+    raises `SlotTaken` or `NotBookable` as `book` would, else returns. Only ever an early "no"
+    for a slot that is taken as it is asked for (hundreds of clients after one slot): `book`
+    decides under the lock, whatever this said."""
+    if request.recurrence is not None:
+        return
+    now = int(time.time()) if now is None else now
+    provider, service = provider_and_service(conn, request.provider_id, request.service_id)
+    rules = rules_from_json(service.rules)
+    if rules.capacity > 1:
+        return  # a group slot fills up place by place: `book` counts them
+    end_utc = request.start_utc + service.duration_minutes * MINUTE
+    wanted = [occ.Occurrence(request.start_utc, end_utc, True)]
+    _require_bookable(conn, provider, service, rules, wanted, now)
+
+
 def _require_bookable(
     conn: Connection,
     provider: User,

@@ -20,6 +20,7 @@ ROUTE_TABLES = (
 def add_routes(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[appointments.PRINCIPALS] = appointments.PrincipalCache()
+    app[appointments.IN_FLIGHT] = appointments.InFlight()
     app[appointments.GUEST_LIMITER] = RateLimiter(
         settings.get("booking", "guest_bookings_per_minute")
     )
