@@ -142,6 +142,9 @@ class FeedServer:
         self.requests = 0
         self.bytes_sent = 0
         self.not_modified = 0
+        # With a bearer token set, the feed wants it (OAuth2); /token hands it out.
+        self.bearer = ""
+        self.token_requests = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/calendar.ics?token=secret-feed-token"
         self._loop = asyncio.new_event_loop()
@@ -154,6 +157,7 @@ class FeedServer:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_get("/calendar.ics", self._serve)
+        app.router.add_post("/token", self._token)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -163,6 +167,8 @@ class FeedServer:
 
     async def _serve(self, request: web.Request) -> web.Response:
         self.requests += 1
+        if self.bearer and request.headers.get("Authorization") != f"Bearer {self.bearer}":
+            return web.Response(status=401, text="token expired")
         if self.status != 200:
             return web.Response(status=self.status, text="remote trouble")
         etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
@@ -178,6 +184,13 @@ class FeedServer:
                 "Content-Type": "text/calendar; charset=utf-8",
             },
         )
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        form = await request.post()
+        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != "refresh-1":
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        return web.json_response({"access_token": self.bearer, "expires_in": 3600})
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)

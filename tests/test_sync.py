@@ -412,3 +412,70 @@ def test_sync_run_pulls_each_source_once_with_a_progress_line(
     assert "secret-feed-token" not in result.stdout  # the feed's query string is a secret
     assert lines[1] == "1 sources pulled, 0 failed"
     assert "11:00" not in hours_free(provider, monday)
+
+
+def test_oauth_bearer_tokens_are_fetched_and_refreshed_when_the_remote_says_401(
+    provider: Provider, feed: FeedServer
+) -> None:
+    monday = next_monday(17)
+    feed.body = calendar(
+        event(f"DTSTART:{stamp(monday, 9)}", f"DTEND:{stamp(monday, 10)}")
+    ).encode()
+    feed.bearer = "access-1"
+    token_url = feed.url.split("/calendar.ics")[0] + "/token"
+    oauth = {
+        "tokenUrl": token_url,
+        "clientId": "c",
+        "clientSecret": "s",
+        "refreshToken": "refresh-1",
+    }
+    source = add_calendar(provider, type="ics", url=feed.url, role="busy", oauth=oauth)
+    assert source["credentials"] == "oauth"
+    assert sync(provider, source)["cycle"]["ok"]
+    assert feed.token_requests == 1
+    feed.bearer = "access-2"  # the access token expired early: one refresh, then on
+    feed.body += b"\r\n"
+    assert sync(provider, source)["cycle"]["ok"]
+    assert feed.token_requests == 2
+    assert "09:00" not in hours_free(provider, monday)
+
+
+def test_without_sync_collection_or_with_a_refused_token_a_pull_falls_back_and_stays_right(
+    provider: Provider, xandikos: DavServer
+) -> None:
+    from sqlalchemy import update
+
+    from bookdav.storage.db import database_for
+    from bookdav.storage.schema import external_calendars
+
+    monday = next_monday(19)
+    source = add_busy_caldav(provider, xandikos)
+    database = database_for(provider.server.database_url)
+
+    def set_state(state: str) -> None:
+        with database.write() as conn:
+            conn.execute(
+                update(external_calendars)
+                .where(external_calendars.c.id == source["calendarId"])
+                .values(state=state)
+            )
+
+    # A sync token the server does not know: it starts over with a full listing.
+    set_state('{"mode": "sync", "syncToken": "http://example.invalid/ns/sync/42"}')
+    assert sync(provider, source)["cycle"]["ok"]
+
+    # The CTag path (servers without RFC 6578): one PROPFIND when nothing changed.
+    set_state('{"mode": "ctag"}')
+    assert sync(provider, source)["cycle"]["ok"]
+    again = sync(provider, source)["cycle"]
+    assert again["requests"] == 1 and again["written"] == again["deleted"] == 0
+    name = remote_name()
+    xandikos.put(
+        name, calendar(event(f"DTSTART:{stamp(monday, 15)}", f"DTEND:{stamp(monday, 16)}"))
+    )
+    added = sync(provider, source)["cycle"]
+    assert added["written"] == 1 and added["requests"] == 3  # CTag, ETags, one multiget
+    assert "15:00" not in hours_free(provider, monday)
+    xandikos.delete(name)
+    assert sync(provider, source)["cycle"]["deleted"] == 1
+    assert "15:00" in hours_free(provider, monday)

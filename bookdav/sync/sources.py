@@ -300,7 +300,8 @@ async def _sync_report(client: Client, url: str, token: str) -> tuple[list[_Resp
         "REPORT",
         url,
         body=_sync_body(token),
-        headers={"Depth": "1", "Content-Type": "application/xml; charset=utf-8"},
+        # RFC 6578 3.2: the report is defined for Depth 0 (sync-level says how deep).
+        headers={"Depth": "0", "Content-Type": "application/xml; charset=utf-8"},
         ok=(207, 400, 403, 404, 405, 409, 412, 415, 501),
     )
     if status == 207:
