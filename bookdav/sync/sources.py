@@ -157,7 +157,7 @@ class Client:
                 async with self.session.request(
                     method, url, data=body, headers=all_headers, allow_redirects=True
                 ) as response:
-                    payload = await response.content.read(MAX_FEED_BYTES + 1)
+                    payload = await _read_body(response)
                     self.traffic.bytes_received += len(payload)
                     if len(payload) > MAX_FEED_BYTES:
                         raise RemoteError(f"{method} {url}: more than {MAX_FEED_BYTES} bytes")
@@ -171,6 +171,18 @@ class Client:
                 raise RemoteError(f"{method} {_safe(url)} answered {status}")
             return status, response_headers, payload
         raise AssertionError("unreachable")
+
+
+async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, but never more than one byte past `MAX_FEED_BYTES` (a runaway remote)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(256 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_FEED_BYTES:
+            break
+    return b"".join(chunks)
 
 
 def _safe(url: str) -> str:
