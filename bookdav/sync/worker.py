@@ -51,6 +51,7 @@ class CycleReport:
     requests: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    remote_seconds: float = 0.0  # of `seconds`, waiting for the remote
     error: str | None = None
     failures: int = 0
     next_run_at: int = 0
@@ -64,6 +65,7 @@ class CycleReport:
             "requests": self.requests,
             "bytesReceived": self.bytes_received,
             "seconds": round(self.seconds, 3),
+            "remoteSeconds": round(self.remote_seconds, 3),
             "error": self.error,
         }
 
@@ -110,7 +112,9 @@ async def sync_source(
             lambda conn: {h: k.etag for h, k in store.known_items(conn, source.id).items()}
         )
         pull = sources.pull_feed if source.type == "ics" else sources.pull_caldav
+        asked = time.perf_counter()
         changes = await pull(client, source.url, source.state, known)
+        report.remote_seconds = time.perf_counter() - asked
         now = int(time.time())
         interval = settings.get("sync", "interval_seconds")
 
