@@ -479,3 +479,30 @@ def test_without_sync_collection_or_with_a_refused_token_a_pull_falls_back_and_s
     xandikos.delete(name)
     assert sync(provider, source)["cycle"]["deleted"] == 1
     assert "15:00" in hours_free(provider, monday)
+
+
+def test_the_worker_inside_serve_pulls_on_its_interval_without_being_asked(
+    tmp_path: Path, feed: FeedServer
+) -> None:
+    running = start_server(
+        tmp_path / "interval",
+        extra="[sync]\nsecret_key = k-0123456789abcdef\ninterval_seconds = 1\n",
+    )
+    try:
+        provider = make_provider(running)
+        monday = next_monday(21)
+        feed.body = calendar(
+            event(f"DTSTART:{stamp(monday, 9)}", f"DTEND:{stamp(monday, 10)}")
+        ).encode()
+        add_calendar(provider, type="ics", url=feed.url, role="busy")
+        deadline = time.monotonic() + 30
+        while "09:00" in hours_free(provider, monday):
+            assert time.monotonic() < deadline, "the worker never pulled"
+            time.sleep(0.3)
+        feed.body = calendar().encode()  # the remote event is gone: freed on a later turn
+        while "09:00" not in hours_free(provider, monday):
+            assert time.monotonic() < deadline, "the worker never pulled again"
+            time.sleep(0.3)
+        assert '"external calendar pulled"' in running.log_text()
+    finally:
+        running.stop()

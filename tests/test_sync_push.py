@@ -134,3 +134,33 @@ def test_a_destination_outage_delays_the_write_and_loses_nothing(
     wait_for(lambda: "STATUS:CONFIRMED" in remote_text(radicale, appointment_id), seconds=60)
     wait_for(lambda: push_row().status == "sent")
     assert "outbox row deferred" in provider.server.log_text()
+
+
+def test_a_destination_answering_401_keeps_the_write_pending_with_the_reason(
+    provider: Provider, radicale: DavServer
+) -> None:
+    assert radicale.auth is not None
+    add_calendar(
+        provider, type="caldav", url=radicale.calendar_url, role="destination",
+        username=radicale.auth[0], password="not-the-password",
+    )  # fmt: skip
+    booked = requests.post(
+        f"{provider.server.base_url}/api/v1/appointments",
+        json=booking_body(provider, berlin(next_monday(8), 9)),
+    )
+    assert booked.status_code == 201, booked.text
+    appointment_id = booked.json()["appointmentId"]
+    database = database_for(provider.server.database_url)
+
+    def push_row() -> Any:
+        with database.read() as conn:
+            return conn.execute(
+                select(outbox.c.status, outbox.c.attempts, outbox.c.last_error).where(
+                    outbox.c.appointment_id == appointment_id, outbox.c.kind == "sync.push"
+                )
+            ).one()
+
+    wait_for(lambda: push_row().attempts >= 1 and push_row().last_error is not None)
+    row = push_row()
+    assert row.status == "pending" and "answered 401" in row.last_error
+    assert remote_text(radicale, appointment_id) == ""

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from bookdav.storage import calendars
 from bookdav.storage.schema import external_calendars, external_items, users
 from bookdav.storage.users import User
+from bookdav.sync.sources import safe_url
 
 TYPES = ("caldav", "ics")
 ROLES = ("busy", "destination")
@@ -117,7 +118,8 @@ def create_external_calendar(
                 "tag": "VCALENDAR",
                 "D:displayname": mirror_name(url, type_),
                 "C:supported-calendar-component-set": "VEVENT",
-                "C:calendar-description": "Read-only: mirrored by bookdav from " + url,
+                # Without the query string: a publish link carries its secret there.
+                "C:calendar-description": "Read-only: mirrored by bookdav from " + safe_url(url),
             },
             timezone=provider.timezone,
             now=now,
