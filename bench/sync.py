@@ -71,7 +71,7 @@ def run(folder: Path, count: int, database_url: str) -> list[dict[str, Any]]:
         folder,
         "[server]\nhost = 127.0.0.1\nport = 0\n"
         f"[storage]\nurl = {url}\n[mail]\nmaildir = {folder}/maildir\n"
-        "[sync]\nsecret_key = bench-secret\ninterval_seconds = 86400\n"
+        "[sync]\nsecret_key = bench-secret\ninterval_seconds = 86400\nallow_private_networks = true\n"
         "[logging]\nlevel = warning\n",
     )
     radicale = start_radicale(folder / "radicale")

@@ -29,7 +29,12 @@ from tests.test_api_users import assert_problem
 from tests.test_appointments import booking_body
 from tests.test_availability import BERLIN, Provider, make_provider, next_monday, stamp
 
-SYNC_SECTION = "[sync]\nsecret_key = test-only-secret-key-0123456789\ninterval_seconds = 3600\n"
+# The remotes of these tests live on loopback, which a production server refuses to reach. The
+# tests trigger each pull themselves, so the server's own worker (tested on its own) stays off.
+SYNC_SECTION = (
+    "[sync]\nsecret_key = test-only-secret-key-0123456789\ninterval_seconds = 3600\n"
+    "allow_private_networks = true\nworker = false\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +491,8 @@ def test_the_worker_inside_serve_pulls_on_its_interval_without_being_asked(
 ) -> None:
     running = start_server(
         tmp_path / "interval",
-        extra="[sync]\nsecret_key = k-0123456789abcdef\ninterval_seconds = 1\n",
+        extra="[sync]\nsecret_key = k-0123456789abcdef\ninterval_seconds = 1\n"
+        "allow_private_networks = true\n",
     )
     try:
         provider = make_provider(running)
@@ -506,3 +512,15 @@ def test_the_worker_inside_serve_pulls_on_its_interval_without_being_asked(
         assert '"external calendar pulled"' in running.log_text()
     finally:
         running.stop()
+
+
+def test_by_default_a_source_cannot_make_the_server_reach_its_own_network(
+    server: RunningServer, feed: FeedServer
+) -> None:
+    provider = make_provider(server)  # a server with the default [sync] settings
+    for url in (feed.url, feed.url.replace("127.0.0.1", "localhost"), "http://10.1.2.3/cal.ics"):
+        source = add_calendar(provider, type="ics", url=url, role="busy")
+        refused = sync(provider, source)
+        assert refused["cycle"]["ok"] is False
+        assert "non-public address" in refused["lastError"], refused["lastError"]
+    assert feed.requests == 0

@@ -17,7 +17,11 @@ from bookdav.sync import worker
 
 
 async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Run the sync worker for the app's lifetime (after the database is opened)."""
+    """Run the sync worker for the app's lifetime (after the database is opened), unless
+    `[sync] worker = false`."""
+    if not app[SETTINGS].get("sync", "worker"):
+        yield
+        return
     task = asyncio.create_task(worker.run_worker(app[DATABASE], app[SETTINGS]), name="sync-worker")
     yield
     task.cancel()

@@ -123,8 +123,13 @@ async def deliver(job: Job) -> None:
     )
     job.fields.update(calendar_id=destination.id, destination=sources.safe_url(url))
     body = remote_text(text)
-    async with sources.new_session() as session:
-        client = sources.Client(session, sources.Credentials.from_dict(credentials))
+    allow_private = job.settings.get("sync", "allow_private_networks")
+    async with sources.new_session(allow_private_networks=allow_private) as session:
+        client = sources.Client(
+            session,
+            sources.Credentials.from_dict(credentials),
+            allow_private_networks=allow_private,
+        )
         etag = await _put(client, url, body, known_etag)
     await job.database.run_write(
         store.remember_item, destination.id, name, etag, appointment.event_href

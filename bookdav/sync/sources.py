@@ -15,7 +15,10 @@ endpoint (Google's CalDAV API).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import ipaddress
+import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -25,6 +28,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 import icalendar
+from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 
 DAV = "DAV:"
@@ -34,6 +38,7 @@ MULTIGET_BATCH = 100
 TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 MAX_FEED_BYTES = 50 * 1024 * 1024
 USER_AGENT = "bookdav-sync/1"
+MAX_REDIRECTS = 5
 
 
 class RemoteError(Exception):
@@ -95,9 +100,16 @@ _token_lock = asyncio.Lock()
 class Client:
     """One pull's HTTP session: authentication, counting, errors as `RemoteError`."""
 
-    def __init__(self, session: aiohttp.ClientSession, credentials: Credentials) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        credentials: Credentials,
+        *,
+        allow_private_networks: bool,
+    ) -> None:
         self.session = session
         self.credentials = credentials
+        self.allow_private_networks = allow_private_networks
         self.traffic = Traffic()
 
     async def _auth_headers(self, refresh: bool = False) -> dict[str, str]:
@@ -123,6 +135,7 @@ class Client:
                 "client_id": oauth.get("clientId", ""),
                 "client_secret": oauth.get("clientSecret", ""),
             }
+            self.check_address(oauth.get("tokenUrl", ""))
             self.traffic.requests += 1
             async with self.session.post(oauth.get("tokenUrl", ""), data=form) as response:
                 body = await response.read()
@@ -150,27 +163,72 @@ class Client:
         """Send one request; 401 with OAuth refreshes the token once. A status outside `ok`
         raises `RemoteError` naming it."""
         for attempt in (0, 1):
-            all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
-            all_headers.update(await self._auth_headers(refresh=attempt == 1))
-            self.traffic.requests += 1
-            try:
-                async with self.session.request(
-                    method, url, data=body, headers=all_headers, allow_redirects=True
-                ) as response:
-                    payload = await _read_body(response)
-                    self.traffic.bytes_received += len(payload)
-                    if len(payload) > MAX_FEED_BYTES:
-                        raise RemoteError(f"{method} {url}: more than {MAX_FEED_BYTES} bytes")
-                    status = response.status
-                    response_headers = CIMultiDict(response.headers)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise RemoteError(f"{method} {_safe(url)}: {type(exc).__name__}: {exc}") from exc
+            credentials = await self._auth_headers(refresh=attempt == 1)
+            status, response_headers, payload = await self._send(
+                method, url, body, dict(headers or {}), credentials
+            )
             if status == 401 and self.credentials.oauth and attempt == 0:
                 continue
             if status not in ok:
                 raise RemoteError(f"{method} {_safe(url)} answered {status}")
             return status, response_headers, payload
         raise AssertionError("unreachable")
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | str | None,
+        headers: dict[str, str],
+        credentials: dict[str, str],
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One request, following redirects here (each hop's address is checked, and
+        credentials never go to another origin than the one they were given for)."""
+        origin = _origin(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            self.check_address(url)
+            all_headers = {"User-Agent": USER_AGENT, **headers}
+            if _origin(url) == origin:
+                all_headers.update(credentials)
+            self.traffic.requests += 1
+            try:
+                async with self.session.request(
+                    method, url, data=body, headers=all_headers, allow_redirects=False
+                ) as response:
+                    payload = await _read_body(response)
+                    self.traffic.bytes_received += len(payload)
+                    if len(payload) > MAX_FEED_BYTES:
+                        raise RemoteError(
+                            f"{method} {_safe(url)}: more than {MAX_FEED_BYTES} bytes"
+                        )
+                    status = response.status
+                    response_headers = CIMultiDict(response.headers)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise RemoteError(f"{method} {_safe(url)}: {type(exc).__name__}: {exc}") from exc
+            location = response_headers.get("Location")
+            if status in (301, 302, 303, 307, 308) and location:
+                url = urljoin(url, location)
+                if status == 303:
+                    method, body = "GET", None
+                continue
+            return status, response_headers, payload
+        raise RemoteError(f"{method} {_safe(url)}: more than {MAX_REDIRECTS} redirects")
+
+    def check_address(self, url: str) -> None:
+        """Refuse a URL whose host is a non-public IP literal (names are checked when resolved,
+        by `PublicAddressesOnly`), unless private networks are allowed."""
+        if self.allow_private_networks:
+            return
+        host = urlsplit(url).hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if not address.is_global:
+            raise RemoteError(
+                f"{host} is a non-public address; set [sync] allow_private_networks = true "
+                "to allow it"
+            )
 
 
 async def _read_body(response: aiohttp.ClientResponse) -> bytes:
@@ -185,6 +243,11 @@ async def _read_body(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
 def _safe(url: str) -> str:
     """A URL for messages and logs: no query string (feeds carry secrets there)."""
     parts = urlsplit(url)
@@ -195,8 +258,38 @@ def safe_url(url: str) -> str:
     return _safe(url)
 
 
-def new_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=TIMEOUT)
+class PublicAddressesOnly(AbstractResolver):
+    """A resolver that refuses hosts resolving to loopback, private, link-local or reserved
+    addresses: a provider's URL must not make the server reach into its own network (cloud
+    metadata, the database, admin ports)."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        for info in found:
+            address = ipaddress.ip_address(info["host"])
+            if not address.is_global:
+                raise OSError(
+                    errno.EACCES,
+                    f"{host} resolves to the non-public address {address}; "
+                    "set [sync] allow_private_networks = true to allow it",
+                )
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def new_session(*, allow_private_networks: bool) -> aiohttp.ClientSession:
+    """A session for remote calendars; unless allowed, only public addresses are reached."""
+    connector = (
+        None if allow_private_networks else aiohttp.TCPConnector(resolver=PublicAddressesOnly())
+    )
+    return aiohttp.ClientSession(timeout=TIMEOUT, connector=connector)
 
 
 # --- CalDAV --------------------------------------------------------------------------------------

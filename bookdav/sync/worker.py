@@ -101,13 +101,19 @@ async def sync_source(
         source.id, source.provider_username, source.type, sources.safe_url(source.url), ok=False
     )
     owned_session = session is None
-    session = session or sources.new_session()
+    session = session or sources.new_session(
+        allow_private_networks=settings.get("sync", "allow_private_networks")
+    )
     client: sources.Client | None = None
     try:
         credentials = crypto.decrypt_credentials(
             settings.get("sync", "secret_key"), source.credentials
         )
-        client = sources.Client(session, sources.Credentials.from_dict(credentials))
+        client = sources.Client(
+            session,
+            sources.Credentials.from_dict(credentials),
+            allow_private_networks=settings.get("sync", "allow_private_networks"),
+        )
         known = await database.run_read(
             lambda conn: {h: k.etag for h, k in store.known_items(conn, source.id).items()}
         )
@@ -203,15 +209,21 @@ async def claim_and_sync(
     return await sync_source(database, settings, source, session=session)
 
 
-async def run_now(database: Database, settings: Settings, calendar_id: str) -> CycleReport | None:
-    """Pull one source now, due or not (the API's "sync now"). It is claimed like any pull; a
-    worker pulling it at the same moment is harmless: both apply under the provider's lock and
-    the mirror's writes are idempotent."""
+async def run_now(
+    database: Database,
+    settings: Settings,
+    calendar_id: str,
+    *,
+    session: aiohttp.ClientSession | None = None,
+) -> CycleReport | None:
+    """Pull one source now, due or not (the API's "sync now", `bookdav sync run`); None if it is
+    gone. It is claimed like any pull; a worker pulling it at the same moment is harmless: both
+    apply under the provider's lock and the mirror's writes are idempotent."""
     for _attempt in range(3):
         source = await database.run_read(store.get_external_calendar, calendar_id)
         if source is None or source.role != "busy":
             return None
-        report = await claim_and_sync(database, settings, source)
+        report = await claim_and_sync(database, settings, source, session=session)
         if report is not None:
             return report
     return None
@@ -223,9 +235,11 @@ async def run_cycle(
     """Pull every busy source (of one provider), due or not: `bookdav sync run`."""
     found = await database.run_read(lambda conn: store.busy_sources(conn, username=username))
     reports = []
-    async with sources.new_session() as session:
+    async with sources.new_session(
+        allow_private_networks=settings.get("sync", "allow_private_networks")
+    ) as session:
         for source in found:
-            report = await claim_and_sync(database, settings, source, session=session)
+            report = await run_now(database, settings, source.id, session=session)
             if report is not None:
                 reports.append(report)
     return reports
@@ -238,7 +252,9 @@ async def run_due(database: Database, settings: Settings, now: int | None = None
     pulled = 0
     if not due:
         return 0
-    async with sources.new_session() as session:
+    async with sources.new_session(
+        allow_private_networks=settings.get("sync", "allow_private_networks")
+    ) as session:
         for source in due:
             if await claim_and_sync(database, settings, source, session=session) is not None:
                 pulled += 1
