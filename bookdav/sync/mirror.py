@@ -55,6 +55,8 @@ class Applied:
     written: int = 0
     deleted: int = 0
     skipped: list[str] = field(default_factory=list)
+    # (remote href, ETag, mirror href) seen by this pull, recorded in bulk at its end.
+    seen: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def mirror_uid(source: ExternalCalendar, remote_uid: str) -> str:
@@ -132,6 +134,7 @@ def apply(conn: Connection, source: ExternalCalendar, changes: Changes, now: int
         store.forget_item(conn, source.id, remote_href)
     for remote in changes.changed:
         _mirror_one(conn, source, collection, remote, known.get(remote.href), applied, now)
+    store.remember_items(conn, source.id, applied.seen)
     return applied
 
 
@@ -150,7 +153,7 @@ def _mirror_one(
             if previous is not None and previous.local_href:
                 calendars.delete_item(conn, collection, previous.local_href, now=now)
                 applied.deleted += 1
-            store.remember_item(conn, source.id, remote.href, remote.etag, "")
+            applied.seen.append((remote.href, remote.etag, ""))
             return
         uid, text = block
         href = mirror_href(source, remote.href)
@@ -169,5 +172,5 @@ def _mirror_one(
             reason=f"{type(exc).__name__}: {exc}"[:300],
         )
         return
-    store.remember_item(conn, source.id, remote.href, remote.etag, href)
+    applied.seen.append((remote.href, remote.etag, href))
     applied.written += 1

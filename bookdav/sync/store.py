@@ -261,6 +261,33 @@ def remember_item(
     )
 
 
+def remember_items(conn: Connection, calendar_id: str, seen: list[tuple[str, str, str]]) -> None:
+    """`remember_item` for many `(remote_href, etag, local_href)` at once (a first pull is
+    thousands): one delete and one insert per 500."""
+    latest = {remote_href: (etag, local_href) for remote_href, etag, local_href in seen}
+    hrefs = list(latest)
+    for start in range(0, len(hrefs), 500):
+        batch = hrefs[start : start + 500]
+        conn.execute(
+            delete(external_items).where(
+                external_items.c.calendar_id == calendar_id,
+                external_items.c.remote_href.in_(batch),
+            )
+        )
+        conn.execute(
+            insert(external_items),
+            [
+                {
+                    "calendar_id": calendar_id,
+                    "remote_href": href,
+                    "etag": latest[href][0],
+                    "local_href": latest[href][1],
+                }
+                for href in batch
+            ],
+        )
+
+
 def forget_item(conn: Connection, calendar_id: str, remote_href: str) -> None:
     conn.execute(
         delete(external_items).where(
