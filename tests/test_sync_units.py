@@ -115,3 +115,9 @@ def test_a_feed_splits_into_one_object_per_uid_and_rejects_what_is_not_icalendar
     for garbage in (b"", b"<html>login</html>", b"BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\n"):
         with pytest.raises(sources.FeedRejected):
             sources.split_feed(garbage)
+
+
+def test_hrefs_spelled_differently_by_a_server_compare_equal() -> None:
+    assert sources.canonical_href("/cal/a%40b.ics") == sources.canonical_href("/cal/a@b.ics")
+    assert sources.canonical_href("/cal/a b.ics") == sources.canonical_href("/cal/a%20b.ics")
+    assert sources.canonical_href("/cal/a b.ics") == "/cal/a%20b.ics"

@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 import icalendar
@@ -39,6 +39,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 MAX_FEED_BYTES = 50 * 1024 * 1024
 USER_AGENT = "bookdav-sync/1"
 MAX_REDIRECTS = 5
+MAX_SYNC_PAGES = 100  # truncated sync-collection answers followed per pull
 
 
 class RemoteError(Exception):
@@ -345,7 +346,7 @@ def _parse_multistatus(body: bytes) -> tuple[list[_Response], str | None]:
         raise RemoteError(f"expected a multistatus, got {root.tag}")
     found = []
     for response in root.findall(_q(DAV, "response")):
-        href = unquote((response.findtext(_q(DAV, "href")) or "").strip())
+        href = canonical_href((response.findtext(_q(DAV, "href")) or "").strip())
         status = _status_code(response.findtext(_q(DAV, "status")))
         props: dict[str, str] = {}
         for propstat in response.findall(_q(DAV, "propstat")):
@@ -364,6 +365,12 @@ def _parse_multistatus(body: bytes) -> tuple[list[_Response], str | None]:
     return found, token.strip() if token else None
 
 
+def canonical_href(href: str) -> str:
+    """One spelling per href (servers percent-encode `@` or spaces differently from one report
+    to the next): how hrefs are compared, stored and sent back."""
+    return quote(unquote(href), safe="/:@!$&'()*+,;=-._~")
+
+
 def _status_code(line: str | None) -> int:
     if not line:
         return 0
@@ -372,7 +379,8 @@ def _status_code(line: str | None) -> int:
 
 
 def _is_collection_href(href: str, collection_url: str) -> bool:
-    return href.rstrip("/") == unquote(urlsplit(collection_url).path).rstrip("/")
+    path = canonical_href(href if href.startswith("/") else urlsplit(href).path)
+    return path.rstrip("/") == canonical_href(urlsplit(collection_url).path).rstrip("/")
 
 
 class SyncCollectionUnsupported(Exception):
@@ -427,21 +435,35 @@ async def _by_sync_collection(
 ) -> None:
     token = str(state.get("syncToken") or "")
     full = not token
-    try:
-        responses, new_token = await _sync_report(client, url, token)
-    except TokenRefused:
-        full = True
-        responses, new_token = await _sync_report(client, url, "")
-    if not new_token:
-        raise SyncCollectionUnsupported("no sync-token in the answer")
     listed: dict[str, str] = {}
-    for response in responses:
-        if _is_collection_href(response.href, url) or response.href.endswith("/"):
-            continue
-        if response.status == 404:
-            changes.removed.append(response.href)
-        elif response.status == 200:
-            listed[response.href] = response.props.get(_q(DAV, "getetag"), "")
+    for _page in range(MAX_SYNC_PAGES):
+        try:
+            responses, new_token = await _sync_report(client, url, token)
+        except TokenRefused:
+            if full:
+                raise RemoteError("the server refuses its own sync token") from None
+            full, token, listed, changes.removed = True, "", {}, []
+            responses, new_token = await _sync_report(client, url, "")
+        if not new_token:
+            raise SyncCollectionUnsupported("no sync-token in the answer")
+        truncated = False
+        for response in responses:
+            if _is_collection_href(response.href, url):
+                # RFC 6578 3.6: 507 on the collection itself: more changes after this token.
+                truncated = response.status == 507
+                continue
+            if response.href.endswith("/"):
+                continue
+            if response.status == 404:
+                changes.removed.append(response.href)
+                listed.pop(response.href, None)
+            elif response.status == 200:
+                listed[response.href] = response.props.get(_q(DAV, "getetag"), "")
+        token = new_token
+        if not truncated:
+            break
+    else:
+        raise RemoteError(f"sync-collection still truncated after {MAX_SYNC_PAGES} pages")
     if full:  # an initial sync lists everything: what it does not list is gone
         changes.removed.extend(href for href in known if href not in listed)
     wanted = [href for href, etag in listed.items() if not etag or known.get(href) != etag]
