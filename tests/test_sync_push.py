@@ -164,3 +164,16 @@ def test_a_destination_answering_401_keeps_the_write_pending_with_the_reason(
     row = push_row()
     assert row.status == "pending" and "answered 401" in row.last_error
     assert remote_text(radicale, appointment_id) == ""
+
+
+def test_a_new_destination_receives_the_appointments_already_booked(
+    provider: Provider, radicale: DavServer
+) -> None:
+    booked = requests.post(
+        f"{provider.server.base_url}/api/v1/appointments",
+        json=booking_body(provider, berlin(next_monday(10), 15)),
+    )
+    assert booked.status_code == 201, booked.text
+    appointment_id = booked.json()["appointmentId"]
+    add_destination(provider, radicale)
+    wait_for(lambda: "STATUS:CONFIRMED" in remote_text(radicale, appointment_id))

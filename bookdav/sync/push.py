@@ -19,13 +19,14 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import icalendar
-from sqlalchemy import Connection
+from sqlalchemy import Connection, or_, select
 
 from bookdav.logs import log_event
 from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.storage import appointments as appointment_store
 from bookdav.storage import calendars
 from bookdav.storage.appointments import Appointment
+from bookdav.storage.schema import appointments
 from bookdav.storage.users import user_by_id
 from bookdav.sync import crypto, sources, store
 
@@ -63,6 +64,32 @@ def enqueue_destination_writes(conn: Connection, event: str, appointment: Appoin
             for destination in destinations
         ],
     )
+
+
+def enqueue_backfill(conn: Connection, destination: store.ExternalCalendar, now: int) -> int:
+    """A new destination gets the provider's confirmed appointments that are not over yet (one
+    row per event: a group's bookings share one), through the same outbox as new bookings."""
+    rows = conn.execute(
+        select(appointments.c.id, appointments.c.event_uid, appointments.c.sequence)
+        .where(
+            appointments.c.provider_id == destination.provider_id,
+            appointments.c.status == "confirmed",
+            or_(appointments.c.end_utc > now, appointments.c.recurrence.is_not(None)),
+        )
+        .order_by(appointments.c.start_utc)
+    ).all()
+    by_event = {
+        event_uid: (appointment_id, sequence) for appointment_id, event_uid, sequence in rows
+    }
+    for appointment_id, sequence in by_event.values():
+        payload = {
+            "event": "calendar.connected",
+            "appointmentId": appointment_id,
+            "sequence": sequence,
+            "calendarId": destination.id,
+        }
+        appointment_store.enqueue(conn, appointment_id, [(KIND, payload)])
+    return len(by_event)
 
 
 def resource_name(uid: str) -> str:

@@ -18,7 +18,7 @@ from bookdav.server.api import validation as v
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE, SETTINGS
 from bookdav.storage.users import User, user_by_id
-from bookdav.sync import crypto, store, worker
+from bookdav.sync import crypto, push, store, worker
 from bookdav.sync.store import ExternalCalendar
 
 routes = web.RouteTableDef()
@@ -142,6 +142,8 @@ async def post_calendar(request: web.Request) -> web.Response:
         )
         if token:
             store.record_state(conn, created.id, {"credentialKind": kind})
+        if role == "destination":
+            push.enqueue_backfill(conn, created, int(time.time()))
         found = store.get_external_calendar(conn, created.id)
         assert found is not None
         return found
