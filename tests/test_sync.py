@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import RunningServer, bookdav_command, clean_env, start_server
+from tests.conftest import (
+    RunningServer,
+    bookdav_command,
+    clean_env,
+    require_postgres,
+    start_server,
+)
 from tests.sync_servers import (
     RADICALE_USER,
     DavServer,
@@ -40,6 +46,17 @@ SYNC_SECTION = (
 @pytest.fixture(scope="module")
 def sync_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(tmp_path_factory.mktemp("sync-server"), extra=SYNC_SECTION)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_sync_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("pg-sync-server"),
+        database_url=require_postgres(),
+        extra=SYNC_SECTION,
+    )
     yield running
     running.stop()
 
@@ -527,3 +544,14 @@ def test_by_default_a_source_cannot_make_the_server_reach_its_own_network(
         assert refused["cycle"]["ok"] is False
         assert "non-public address" in refused["lastError"], refused["lastError"]
     assert feed.requests == 0
+
+
+def test_on_postgresql_remote_events_block_and_free_slots_and_feeds_pull_incrementally(
+    pg_sync_server: RunningServer, xandikos: DavServer, feed: FeedServer
+) -> None:
+    test_a_remote_caldav_event_blocks_its_slot_after_one_cycle_and_deleting_it_frees_it(
+        make_provider(pg_sync_server), xandikos
+    )
+    test_a_feed_is_pulled_with_etags_and_garbage_is_rejected_keeping_the_blocks(
+        make_provider(pg_sync_server), feed
+    )
