@@ -279,6 +279,8 @@ def test_a_feed_is_pulled_with_etags_and_garbage_is_rejected_keeping_the_blocks(
     assert (
         recovered["cycle"]["ok"] and recovered["failures"] == 0 and recovered["lastError"] is None
     )
+    assert recovered["cycle"]["skipped"] == 1  # the odd event, logged; the rest went on
+    assert '"remote event skipped"' in provider.server.log_text()
     free = hours_free(provider, monday)
     assert "09:00" not in free and {"13:00", "13:30"} <= free
 

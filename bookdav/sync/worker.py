@@ -121,11 +121,12 @@ async def sync_source(
         asked = time.perf_counter()
         changes = await pull(client, source.url, source.state, known)
         report.remote_seconds = time.perf_counter() - asked
+        prepared = await asyncio.to_thread(mirror.prepare, source, changes)
         now = int(time.time())
         interval = settings.get("sync", "interval_seconds")
 
         def unit(conn: Connection) -> mirror.Applied:
-            applied = mirror.apply(conn, source, changes, now)
+            applied = mirror.apply(conn, source, changes, prepared, now)
             state = {**changes.state, **store.kept_state(source.state)}
             store.record_success(conn, source.id, state, now, now + interval)
             return applied
