@@ -161,7 +161,9 @@ def render(rows: list[dict[str, Any]], count: int) -> str:
         "remote calendar (stock Radicale 3.9 on loopback, and the same events as an ICS feed "
         "served by aiohttp with ETags). Each cycle is `POST .../calendars/{id}/sync`; requests "
         "and bytes are what bookdav sent and received from the remote; (remote) is the part of "
-        "the cycle spent waiting for the remote server.",
+        "the cycle spent waiting for the remote server. Load average when the run ended: "
+        f"{os.getloadavg()[0]:.1f} (other work shared the cores, so the seconds are noisy; the "
+        "request and byte counts are exact).",
         "",
         "| source | first cycle: s (remote) | requests | bytes | written | unchanged: s | requests "
         "| bytes | one event moved: s | requests | bytes |",
