@@ -378,13 +378,17 @@ def test_calendars_api_validates_and_never_returns_secrets(
         username="me", password="app-password-123",
     )  # fmt: skip
     assert made["credentials"] == "basic" and made["mirrorUrl"] is None
+    webcal = add_calendar(
+        provider, type="ics", url="webcal://calendar.example.org/f.ics", role="busy"
+    )
+    assert webcal["url"] == "https://calendar.example.org/f.ics"
     listing = requests.get(url, auth=provider.auth)
     assert "app-password-123" not in listing.text and "app-password-123" not in str(made)
     stranger = make_provider(sync_server)
     assert_problem(requests.get(url, auth=stranger.auth), 403)
     admin = sync_server.add_user("admin")
     as_admin = requests.get(url, auth=(admin, sync_server.passwords[admin]))
-    assert as_admin.status_code == 200 and len(as_admin.json()["items"]) == 1
+    assert as_admin.status_code == 200 and len(as_admin.json()["items"]) == 2
 
     # A server without [sync] secret_key refuses credentials, with a reason.
     elsewhere = make_provider(server)

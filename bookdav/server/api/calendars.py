@@ -73,6 +73,8 @@ async def _source(request: web.Request, provider: User) -> ExternalCalendar:
 
 def _url(body: dict[str, Any]) -> str:
     url = v.text(body, "url", min_length=1, max_length=2000)
+    if url.lower().startswith("webcal://"):  # what "subscribe" links of Google and Outlook say
+        url = "https://" + url[len("webcal://") :]
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("url", "must be an absolute http:// or https:// URL")
