@@ -1,4 +1,4 @@
-"""The `bookdav` command: serve, manage users, migrate the database.
+"""The `bookdav` command: serve, manage users, migrate the database, sync external calendars.
 
 Every command finds its configuration at `--config PATH`, else `$BOOKDAV_CONFIG`, else
 `./config.ini`. Failures a user can fix (a bad setting, a port in use, an unreachable database)
@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser("upgrade", help="apply schema migrations")
     _add_config_option(upgrade)
+
+    sync = commands.add_parser("sync", help="external calendars")
+    sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
+    sync_run = sync_commands.add_parser(
+        "run", help="pull every busy source once now, one progress line per source"
+    )
+    _add_config_option(sync_run)
+    sync_run.add_argument("--provider", metavar="USERNAME", help="only this provider's sources")
     return parser
 
 
@@ -99,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _user_add(settings, args)
         if args.command == "token":
             return _token_create(settings, args)
+        if args.command == "sync":
+            return _sync_run(settings, args)
         if args.command == "db":
             database = _open_database(settings)
             _migrate(database)
@@ -206,6 +216,20 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
         info, secret = create_token(conn, user.id, args.name)
     print(f"token {info.id} for {user.username} (shown once):\n{secret}")
     return 0
+
+
+def _sync_run(settings: Settings, args: argparse.Namespace) -> int:
+    """One pull of each busy source; exit 1 if any failed (each failure is also recorded)."""
+    from bookdav.sync import worker
+
+    database = _open_database(settings)
+    _migrate(database)
+    reports = asyncio.run(worker.run_cycle(database, settings, username=args.provider))
+    for report in reports:
+        print(report.line(), flush=True)
+    failed = sum(not report.ok for report in reports)
+    print(f"{len(reports)} sources pulled, {failed} failed")
+    return 1 if failed else 0
 
 
 def _bootstrap_admin(database: Database) -> None:

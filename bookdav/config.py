@@ -152,6 +152,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
             secret=True,
         ),
         "interval_seconds": Option(_positive_int, "300", "How often each busy source is pulled."),
+        "worker": Option(
+            _boolean,
+            "true",
+            "Pull due busy sources inside `bookdav serve` (false: only `bookdav sync run`, e.g. from "
+            "cron, or other processes sharing the database pull them).",
+        ),
+        "allow_private_networks": Option(
+            _boolean,
+            "false",
+            "Let external calendar URLs reach loopback, private and link-local addresses (off: a "
+            "provider cannot make the server probe its own network).",
+        ),
     },
     "logging": {
         "level": Option(_one_of("debug", "info", "warning", "error"), "info", "Log level."),

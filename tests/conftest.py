@@ -112,6 +112,7 @@ def start_server(
     database_url: str | None = None,
     guest_bookings_per_minute: int = 0,
     mail: str = "",
+    extra: str = "",
 ) -> RunningServer:
     """Start `bookdav serve` on port 0 and wait until /healthz answers. Guest bookings are not
     rate-limited unless asked: the tests book from one address, fast."""
@@ -120,6 +121,7 @@ def start_server(
         database_url=database_url,
         guest_bookings_per_minute=guest_bookings_per_minute,
         mail=mail,
+        extra=extra,
     )
     log_path = folder / "server.log"
     log_file = log_path.open("w", encoding="utf-8")

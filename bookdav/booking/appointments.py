@@ -44,6 +44,7 @@ from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import RESOURCES_PRINCIPAL
 from bookdav.storage.services import ServiceRecord
 from bookdav.storage.users import User
+from bookdav.sync import push
 
 MAX_OCCURRENCES = 104  # two years of a weekly series
 
@@ -558,6 +559,7 @@ def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
     """Outbox rows in the same transaction: the client's invitation and the provider's notice."""
     payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
     store.enqueue(conn, appointment.id, [("client.imip", payload), ("provider.notice", payload)])
+    push.enqueue_destination_writes(conn, event, appointment)
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

@@ -165,10 +165,12 @@ def handlers() -> dict[str, Handler]:
     """Outbox kind -> the coroutine that delivers it. A handler returns on success, raises
     `Superseded` or `Undeliverable`, and any other exception means "retry later"."""
     from bookdav.notify import mail
+    from bookdav.sync import push
 
     return {
         imip.CLIENT_IMIP: mail.deliver,
         imip.PROVIDER_NOTICE: mail.deliver,
+        push.KIND: push.deliver,
     }
 
 

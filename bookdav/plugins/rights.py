@@ -18,6 +18,7 @@ from radicale.rights import owner_only
 from bookdav.storage.db import database_for
 from bookdav.storage.resources import RESOURCES_PRINCIPAL, resource_by_slug
 from bookdav.storage.users import user_by_username
+from bookdav.sync.store import MIRROR_PREFIX
 
 ROLE_CACHE_SECONDS = 30.0
 STAFF_ROLES = frozenset({"admin", "provider"})
@@ -39,6 +40,9 @@ class Rights(owner_only.Rights):
                 return "R"
             slug = sane_path.split("/")[1]
             return "rwd" if sane_path.count("/") == 1 and self._is_resource(slug) else ""
+        if user and sane_path.count("/") == 1 and sane_path.split("/")[1].startswith(MIRROR_PREFIX):
+            # An external calendar's mirror: the sync worker writes it, its owner only reads it.
+            return "r" if super().authorization(user, user_groups, path) else ""
         return super().authorization(user, user_groups, path)
 
     def _is_resource(self, slug: str) -> bool:
