@@ -35,6 +35,7 @@ from bookdav.booking.errors import Conflict, Forbidden, NotFound, PolicyViolatio
 from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
 from bookdav.booking.services import rules_from_json
 from bookdav.booking.slots import DAY, MINUTE, Interval, Rules, SlotQuery, free_slots, merge
+from bookdav.notify import plan as notify_plan
 from bookdav.storage import appointments as store
 from bookdav.storage import calendars
 from bookdav.storage import occurrences as occ
@@ -540,6 +541,7 @@ def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
     """Outbox rows in the same transaction: the client's invitation and the provider's notice."""
     payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
     store.enqueue(conn, appointment.id, [("client.imip", payload), ("provider.notice", payload)])
+    notify_plan.after_change(conn, event, appointment)
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

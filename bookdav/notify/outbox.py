@@ -169,6 +169,7 @@ def handlers() -> dict[str, Handler]:
     return {
         imip.CLIENT_IMIP: mail.deliver,
         imip.PROVIDER_NOTICE: mail.deliver,
+        imip.CLIENT_REMINDER: mail.deliver,
     }
 
 

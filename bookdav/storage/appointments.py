@@ -50,6 +50,11 @@ def _from_row(row: Any) -> Appointment:
     return Appointment(**{name: row._mapping[name] for name in _FIELDS})
 
 
+def appointment_from_row(row: Any) -> Appointment:
+    """An `Appointment` from a full row of `appointments` (for queries of other modules)."""
+    return _from_row(row)
+
+
 def insert_appointment(conn: Connection, appointment: Appointment) -> None:
     conn.execute(insert(appointments), {n: getattr(appointment, n) for n in _FIELDS})
 
