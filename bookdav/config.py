@@ -61,6 +61,14 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _minutes_list(raw: str) -> str:
+    """Comma-separated minutes ("1440,60"), each 1..525600; kept as text."""
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        if not part.isdigit() or not 1 <= int(part) <= 525_600:
+            raise ValueError("must be minutes between 1 and 525600, separated by commas")
+    return raw
+
+
 @dataclass(frozen=True)
 class Option:
     parse: Callable[[str], Any]
@@ -118,7 +126,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "providers who have not chosen).",
         ),
         "reminder_minutes": Option(
-            _text,
+            _minutes_list,
             "1440,60",
             "Reminders before each appointment, in minutes, comma-separated (services may "
             "override); empty: none.",

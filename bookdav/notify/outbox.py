@@ -52,6 +52,8 @@ POLL_SECONDS = 0.5
 # After a pass fails as a whole (database away), wait longer before the next one.
 ERROR_PAUSE_SECONDS = 5.0
 MAX_ERROR_CHARS = 1000
+# How often the worker plans the reminders of recurring series (the window is two days wide).
+PLAN_INTERVAL_SECONDS = 600
 
 PENDING, SENDING, SENT, FAILED, SUPERSEDED = "pending", "sending", "sent", "failed", "superseded"
 
@@ -248,19 +250,34 @@ async def _failed(job: Job, exc: Exception) -> None:
     )
 
 
+async def plan_reminders_pass(database: Database) -> int:
+    """Plan the reminders of recurring series that entered the planning window (idempotent)."""
+    from bookdav.notify import plan
+
+    planned = await database.run_write(plan.plan_series_reminders)
+    if planned:
+        log_event(log, "reminders planned", count=planned)
+    return planned
+
+
 async def run_worker(
     database: Database,
     settings: Settings,
     wake: asyncio.Event | None = None,
     poll_seconds: float = POLL_SECONDS,
 ) -> None:
-    """Poll for due rows until cancelled; `wake.set()` starts a pass at once."""
+    """Poll for due rows until cancelled; `wake.set()` starts a pass at once. Every
+    `PLAN_INTERVAL_SECONDS` it also plans the reminders of recurring series."""
     wake = wake or asyncio.Event()
     transport = transport_for(settings)
     log_event(log, "outbox worker started", transport=transport.description)
+    planned_at = 0.0
     while True:
         pause = poll_seconds
         try:
+            if time.monotonic() - planned_at >= PLAN_INTERVAL_SECONDS:
+                planned_at = time.monotonic()
+                await plan_reminders_pass(database)
             if await database.run_read(any_due, int(time.time())):
                 await run_once(database, settings, transport=transport)
         except Exception:

@@ -165,6 +165,7 @@ def merge_preferences(conn: Connection, user_id: str, changes: dict[str, Any]) -
     """Set some preferences, keeping the others; run inside a write transaction holding the
     user's lock, so two changes at once cannot drop each other's keys."""
     merged = {**user_preferences(conn, user_id), **changes}
+    merged = {key: value for key, value in merged.items() if value is not None}
     conn.execute(
         update(users)
         .where(users.c.id == user_id)
