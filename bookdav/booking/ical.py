@@ -210,6 +210,8 @@ def hours_from_events(texts: Iterable[str], timezone: str) -> WorkingHours | Non
 class Person:
     name: str
     email: str
+    # An attendee's answer (RFC 5545 PARTSTAT); a new or moved appointment asks again.
+    partstat: str = "NEEDS-ACTION"
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,8 @@ def _mailto(person: Person, role: str | None = None) -> icalendar.vCalAddress:
         address.params["CN"] = _one_line(person.name)
     if role:
         address.params["ROLE"] = role
-        address.params["PARTSTAT"] = "NEEDS-ACTION"
-        address.params["RSVP"] = "TRUE"
+        address.params["PARTSTAT"] = person.partstat
+        address.params["RSVP"] = "TRUE" if person.partstat == "NEEDS-ACTION" else "FALSE"
     return address
 
 

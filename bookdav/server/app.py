@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from bookdav.config import Settings
-from bookdav.server import api, background, dav, health, outbox_task
+from bookdav.server import api, background, dav, health, inbound_task, outbox_task
 from bookdav.server.keys import CREDENTIALS, DATABASE, SETTINGS
 from bookdav.server.middlewares import problem_details, request_log
 from bookdav.storage.db import database_for
@@ -31,6 +31,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(dav.radicale_ctx)
     app.cleanup_ctx.append(background.horizon_ctx)
     app.cleanup_ctx.append(outbox_task.outbox_ctx)
+    app.cleanup_ctx.append(inbound_task.inbound_ctx)
     app.add_routes(health.routes)
     app.add_routes(dav.routes)
     api.add_routes(app)

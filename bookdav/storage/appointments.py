@@ -41,6 +41,8 @@ class Appointment:
     updated_at: int
     # Recurring appointments: cancelled and moved occurrences, {"exdates": [...], "moved": {...}}.
     exceptions: str = "{}"
+    # The client's answer to the invitation (an iMIP REPLY): NEEDS-ACTION until they answer.
+    client_partstat: str = "NEEDS-ACTION"
 
 
 _FIELDS = [f.name for f in fields(Appointment)]
