@@ -166,12 +166,13 @@ Handler = Callable[[Job], Awaitable[None]]
 def handlers() -> dict[str, Handler]:
     """Outbox kind -> the coroutine that delivers it. A handler returns on success, raises
     `Superseded` or `Undeliverable`, and any other exception means "retry later"."""
-    from bookdav.notify import mail
+    from bookdav.notify import mail, plan, webhook
 
     return {
         imip.CLIENT_IMIP: mail.deliver,
         imip.PROVIDER_NOTICE: mail.deliver,
         imip.CLIENT_REMINDER: mail.deliver,
+        plan.WEBHOOK: webhook.deliver,
     }
 
 

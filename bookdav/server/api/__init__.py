@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bookdav.server.api import appointments, availability, resources, services, users
+from bookdav.server.api import (
+    appointments,
+    availability,
+    resources,
+    services,
+    users,
+    webhooks,
+)
 from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 
@@ -14,6 +21,7 @@ ROUTE_TABLES = (
     availability.routes,
     resources.routes,
     appointments.routes,
+    webhooks.routes,
 )
 
 
