@@ -107,6 +107,23 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "smtp_username": Option(_text, "", "SMTP login, if the server wants one."),
         "smtp_password": Option(_text, "", "SMTP password.", secret=True),
         "smtp_tls": Option(_one_of("none", "starttls", "tls"), "starttls", "none|starttls|tls."),
+        "smtp_verify": Option(
+            _boolean,
+            "true",
+            "Verify the SMTP server's TLS certificate and name (turn off only for a server you "
+            "reach over a trusted network).",
+        ),
+        "smtp_ca_file": Option(
+            _text,
+            "",
+            "PEM file of CA certificates to trust for the SMTP server; empty: the system's.",
+            is_path=True,
+        ),
+        "max_attempts": Option(
+            _positive_int,
+            "10",
+            "Delivery attempts of one outbox row (mail or webhook) before it is marked failed.",
+        ),
         "from_address": Option(_text, "bookdav@localhost", "From: address of notifications."),
         "maildir": Option(
             _text,

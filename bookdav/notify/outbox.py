@@ -235,7 +235,8 @@ async def _deliver(job: Job, handler: Handler | None) -> bool:
 async def _failed(job: Job, exc: Exception) -> None:
     row, fields = job.row, job.fields
     error = _error_text(exc)
-    if isinstance(exc, Undeliverable) or row.attempts >= MAX_ATTEMPTS:
+    max_attempts = job.settings.get("mail", "max_attempts") or MAX_ATTEMPTS
+    if isinstance(exc, Undeliverable) or row.attempts >= max_attempts:
         await job.database.run_write(finish, row, FAILED, error=error)
         log_event(log, "outbox row failed", logging.ERROR, **fields, status=FAILED, error=error)
         return

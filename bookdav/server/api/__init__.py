@@ -7,6 +7,7 @@ from aiohttp import web
 from bookdav.server.api import (
     appointments,
     availability,
+    outbox,
     resources,
     services,
     users,
@@ -22,6 +23,7 @@ ROUTE_TABLES = (
     resources.routes,
     appointments.routes,
     webhooks.routes,
+    outbox.routes,
 )
 
 
