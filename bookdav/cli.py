@@ -113,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _mail_ingest(settings: Settings) -> int:
-    from bookdav.notify import inbound
+    from bookdav.notify import inbound, plan
 
+    plan.configure(settings.get("mail", "reminder_minutes"))
     database = _open_database(settings)
     raw = sys.stdin.buffer.read(inbound.MAX_MESSAGE_BYTES + 1)
     try:
