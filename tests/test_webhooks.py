@@ -183,3 +183,27 @@ def test_webhook_requests_are_validated_owned_and_deletable(hook_server: Running
     assert requests.delete(f"{base}/{hook['webhookId']}", auth=provider.auth).status_code == 204
     assert requests.delete(f"{base}/{hook['webhookId']}", auth=provider.auth).status_code == 404
     assert requests.get(base, auth=provider.auth).json()["items"] == []
+
+
+def test_an_admins_webhook_hears_every_providers_appointments(hook_server: RunningServer) -> None:
+    receiver = Receiver()
+    try:
+        admin = hook_server.add_user("admin")
+        admin_auth = (admin, hook_server.passwords[admin])
+        created = requests.post(
+            f"{hook_server.base_url}/api/v1/webhooks",
+            auth=admin_auth,
+            json={"url": receiver.url, "events": ["appointment.created"], "secret": SECRET},
+        )
+        assert created.status_code == 201, created.text
+        first, second = make_provider(hook_server), make_provider(hook_server)
+        booked = [book(first, 9)["appointmentId"], book(second, 9)["appointmentId"]]
+        wait_for(
+            lambda: {e["appointment"]["appointmentId"] for e in receiver.events()} >= set(booked),
+            "both providers' bookings",
+        )
+        hook_id = created.json()["webhookId"]
+        gone = requests.delete(f"{hook_server.base_url}/api/v1/webhooks/{hook_id}", auth=admin_auth)
+        assert gone.status_code == 204
+    finally:
+        receiver.stop()

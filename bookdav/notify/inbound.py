@@ -82,7 +82,10 @@ def parse_reply(raw: bytes) -> Reply:
         raise Refused("message too large")
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
-    senders = [addr for _, addr in getaddresses(message.get_all("From", [])) if addr]
+    try:
+        senders = [addr for _, addr in getaddresses(message.get_all("From", [])) if addr]
+    except (ValueError, IndexError) as exc:
+        raise Refused("the From header cannot be read") from exc
     if len(senders) != 1:
         raise Refused("the message needs exactly one From address")
     for text in _calendar_parts(message):
@@ -109,12 +112,16 @@ def parse_reply(raw: bytes) -> Reply:
         address = str(attendee)
         if address.lower().startswith("mailto:"):
             address = address[7:]
+        try:
+            sequence = int(str(event.get("sequence", 0)))
+        except ValueError as exc:
+            raise Refused("the REPLY's SEQUENCE is not a number") from exc
         return Reply(
             sender=senders[0],
             uid=str(event.get("uid", "")),
             attendee=address.strip(),
             partstat=partstat,
-            sequence=int(event.get("sequence", 0)),
+            sequence=sequence,
         )
     raise Refused("no text/calendar part with METHOD:REPLY")
 
