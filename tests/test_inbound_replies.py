@@ -4,10 +4,11 @@ stored appointment only when it comes from the appointment's client."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -68,7 +69,12 @@ def invitation(
 
 
 def reply(
-    vevent: Any, partstat: str, *, sender: str | None = None, attendee: str | None = None
+    vevent: Any,
+    partstat: str,
+    *,
+    sender: str | None = None,
+    attendee: str | None = None,
+    recurrence_id: datetime | None = None,
 ) -> bytes:
     """What a mail app sends for Accept/Decline (RFC 6047): METHOD:REPLY, the UID and SEQUENCE
     of the invitation, one ATTENDEE with the answer; no ORGANIZER, as outlook.com may do."""
@@ -82,6 +88,8 @@ def reply(
     event.add("sequence", int(vevent["sequence"]))
     event.add("dtstamp", datetime.now(UTC))
     event.add("dtstart", vevent.decoded("dtstart"))
+    if recurrence_id is not None:
+        event.add("recurrence-id", recurrence_id)
     answer = icalendar.vCalAddress(f"mailto:{address}")
     answer.params["PARTSTAT"] = partstat
     event.add("attendee", answer)
@@ -279,3 +287,33 @@ def test_bookdav_mail_ingest_applies_a_reply_or_exits_with_the_reason(
     assert not_a_reply.returncode == 1
     assert b"no text/calendar part with METHOD:REPLY" in not_a_reply.stderr
     assert appointment_row(reply_server, booked["appointmentId"]).status == "confirmed"
+
+
+def test_declining_one_occurrence_of_a_series_cancels_only_that_occurrence(
+    reply_server: RunningServer,
+    smtp: tuple[int, Collector],  # noqa: F811
+    lmtp_port: int,
+) -> None:
+    provider = make_provider(reply_server)
+    address = fresh_address()
+    booked = requests.post(
+        f"{reply_server.base_url}/api/v1/appointments",
+        json=booking_body(
+            provider,
+            _api_instant(next_monday(3), 16),
+            client=client(address),
+            recurrence={"frequency": "WEEKLY", "count": 3},
+        ),
+    )
+    assert booked.status_code == 201, booked.text
+    [(_, message)] = wait_for(lambda: messages_to(smtp[1], address), "the invitation")
+    _, vevent = the_vevent(imip_parts(message)[2].get_content())
+    second = vevent.decoded("dtstart") + timedelta(days=7)
+    data = reply(vevent, "DECLINED", recurrence_id=second)
+    send_lmtp(lmtp_port, data, address)
+    row = appointment_row(reply_server, booked.json()["appointmentId"])
+    assert row.status == "confirmed" and row.sequence == 1
+    assert json.loads(row.exceptions)["exdates"] == [int(second.timestamp())]
+    stored = stored_attendee(reply_server, provider, booked.json()["appointmentId"])
+    exdates = stored["exdate"] if isinstance(stored["exdate"], list) else [stored["exdate"]]
+    assert [d.dt for e in exdates for d in e.dts] == [second]  # visible over CalDAV

@@ -15,7 +15,9 @@ told); inside the service's cancellation notice it is recorded as DECLINED and t
 told, but the appointment stands (the policy decides, not the mail app). All of it is one write
 transaction under the provider's lock.
 
-Not handled: a REPLY about one occurrence of a series (RECURRENCE-ID) is refused for now.
+A REPLY about one occurrence of a series (RECURRENCE-ID, the occurrence's original start):
+DECLINED cancels that occurrence (an EXDATE, through `booking.change_occurrence`, refused inside
+the cancellation notice); ACCEPTED/TENTATIVE change nothing (PARTSTAT is kept per series).
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ import email
 import email.policy
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.utils import getaddresses
+from zoneinfo import ZoneInfo
 
 import icalendar
 from sqlalchemy import Connection, select
 
 from bookdav.booking import appointments as booking
 from bookdav.booking.availability import provider_and_service
-from bookdav.booking.errors import BookdavError, PolicyViolation
+from bookdav.booking.errors import BookdavError, Conflict, PolicyViolation
 from bookdav.logs import log_event
 from bookdav.notify import imip, plan
 from bookdav.storage import appointments as appointment_store
@@ -57,12 +61,15 @@ class Reply:
     attendee: str
     partstat: str
     sequence: int
+    # RECURRENCE-ID: the original start of the one occurrence answered (None: the whole event).
+    occurrence: datetime | None = None
 
 
 @dataclass(frozen=True)
 class Applied:
     appointment_id: str
-    action: str  # "partstat", "cancelled", "declined-within-notice", "unchanged"
+    # "partstat", "cancelled", "declined-within-notice", "occurrence-cancelled", "unchanged"
+    action: str
     partstat: str
 
 
@@ -74,6 +81,25 @@ def _calendar_parts(message: EmailMessage) -> list[str]:
             if isinstance(payload, bytes):
                 found.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
     return found
+
+
+def _recurrence_id(event: icalendar.cal.Component) -> datetime | None:
+    if "recurrence-id" not in event:
+        return None
+    try:
+        value = event.decoded("recurrence-id")
+    except (ValueError, TypeError) as exc:
+        raise Refused("the REPLY's RECURRENCE-ID cannot be read") from exc
+    if not isinstance(value, datetime):
+        raise Refused("a RECURRENCE-ID must be a date-time")
+    return value
+
+
+def _occurrence_utc(occurrence: datetime, zone: str) -> int:
+    """A RECURRENCE-ID as UTC seconds; a floating one is in the appointment's zone."""
+    if occurrence.tzinfo is None:
+        occurrence = occurrence.replace(tzinfo=ZoneInfo(zone))
+    return int(occurrence.timestamp())
 
 
 def parse_reply(raw: bytes) -> Reply:
@@ -99,8 +125,7 @@ def parse_reply(raw: bytes) -> Reply:
         if len(events) != 1:
             raise Refused("a REPLY must hold exactly one VEVENT")
         event = events[0]
-        if "recurrence-id" in event:
-            raise Refused("replies to a single occurrence (RECURRENCE-ID) are not supported")
+        occurrence = _recurrence_id(event)
         attendees = event.get("attendee", [])
         attendees = attendees if isinstance(attendees, list) else [attendees]
         if len(attendees) != 1:
@@ -122,6 +147,7 @@ def parse_reply(raw: bytes) -> Reply:
             attendee=address.strip(),
             partstat=partstat,
             sequence=sequence,
+            occurrence=occurrence,
         )
     raise Refused("no text/calendar part with METHOD:REPLY")
 
@@ -159,6 +185,8 @@ def apply_reply(conn: Connection, reply: Reply, manage_url_base: str) -> Applied
         raise Refused(
             f"the REPLY answers SEQUENCE {reply.sequence}; the appointment is at {current.sequence}"
         )
+    if reply.occurrence is not None:
+        return _apply_to_occurrence(conn, current, reply, manage_url_base)
     if reply.partstat == "DECLINED":
         try:
             booking.cancel(
@@ -177,6 +205,24 @@ def apply_reply(conn: Connection, reply: Reply, manage_url_base: str) -> Applied
         return Applied(current.id, "unchanged", reply.partstat)
     _answer(conn, current, reply.partstat, manage_url_base)
     return Applied(current.id, "partstat", reply.partstat)
+
+
+def _apply_to_occurrence(
+    conn: Connection, current: Appointment, reply: Reply, manage_url_base: str
+) -> Applied:
+    assert reply.occurrence is not None
+    if not current.recurrence:
+        raise Refused("RECURRENCE-ID names an occurrence, but the appointment does not repeat")
+    if reply.partstat != "DECLINED":
+        return Applied(current.id, "unchanged", reply.partstat)
+    occurrence_utc = _occurrence_utc(reply.occurrence, current.timezone)
+    try:
+        booking.change_occurrence(conn, current.id, occurrence_utc, None, True, manage_url_base)
+    except PolicyViolation as exc:
+        raise Refused(f"not cancelled: {exc.detail}") from exc
+    except Conflict:  # already cancelled: the same answer twice
+        return Applied(current.id, "unchanged", reply.partstat)
+    return Applied(current.id, "occurrence-cancelled", reply.partstat)
 
 
 def _answer(conn: Connection, current: Appointment, partstat: str, manage_url_base: str) -> None:
