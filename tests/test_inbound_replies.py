@@ -317,3 +317,10 @@ def test_declining_one_occurrence_of_a_series_cancels_only_that_occurrence(
     stored = stored_attendee(reply_server, provider, booked.json()["appointmentId"])
     exdates = stored["exdate"] if isinstance(stored["exdate"], list) else [stored["exdate"]]
     assert [d.dt for e in exdates for d in e.dts] == [second]  # visible over CalDAV
+
+
+def test_the_lmtp_listener_runs_only_where_configured(
+    server: RunningServer, reply_server: RunningServer, lmtp_port: int
+) -> None:
+    assert f'"listen": "127.0.0.1:{lmtp_port}"' in reply_server.log_text()
+    assert '"lmtp listener started"' not in server.log_text()  # off by default
