@@ -252,11 +252,18 @@ async def _failed(job: Job, exc: Exception) -> None:
     )
 
 
-async def plan_reminders_pass(database: Database) -> int:
-    """Plan the reminders of recurring series that entered the planning window (idempotent)."""
+async def plan_reminders_pass(database: Database, batch_size: int = 50) -> int:
+    """Plan the reminders of recurring series that entered the planning window (idempotent), in
+    short write transactions of `batch_size` series, so bookings queue behind none of them long."""
     from bookdav.notify import plan
 
-    planned = await database.run_write(plan.plan_series_reminders)
+    now = int(time.time())
+    series = await database.run_read(plan.series_to_plan, now)
+    planned = 0
+    for start in range(0, len(series), batch_size):
+        planned += await database.run_write(
+            plan.plan_series_batch, series[start : start + batch_size], now
+        )
     if planned:
         log_event(log, "reminders planned", count=planned)
     return planned

@@ -242,15 +242,31 @@ def after_change(conn: Connection, event: str, appointment: Appointment) -> None
     enqueue_webhooks(conn, event, appointment)
 
 
-def plan_series_reminders(conn: Connection, now: int | None = None) -> int:
-    """The periodic planner: reminders of confirmed recurring series whose occurrences entered
-    the window since they were booked. Idempotent (dedupe keys); returns how many rows are new."""
-    now = int(time.time()) if now is None else now
-    rows = conn.execute(
-        select(appointments).where(
-            appointments.c.status == "confirmed",
-            appointments.c.recurrence.is_not(None),
-            appointments.c.start_utc < now + 366 * 86400,
-        )
-    ).all()
+def series_to_plan(conn: Connection, now: int) -> list[str]:
+    """Ids of confirmed recurring series that may have an occurrence in the planning window."""
+    return list(
+        conn.execute(
+            select(appointments.c.id)
+            .where(
+                appointments.c.status == "confirmed",
+                appointments.c.recurrence.is_not(None),
+                appointments.c.start_utc < now + 366 * 86400,
+            )
+            .order_by(appointments.c.id)
+        ).scalars()
+    )
+
+
+def plan_series_batch(conn: Connection, appointment_ids: Sequence[str], now: int) -> int:
+    """Plan the reminders of these series (re-read inside this transaction: a series cancelled
+    since the listing gets none)."""
+    rows = conn.execute(select(appointments).where(appointments.c.id.in_(appointment_ids))).all()
     return sum(plan_reminders(conn, appointment_from_row(row), now) for row in rows)
+
+
+def plan_series_reminders(conn: Connection, now: int | None = None) -> int:
+    """The periodic planner in one transaction (tests, small installs): reminders of confirmed
+    recurring series whose occurrences entered the window. Idempotent (dedupe keys); returns how
+    many rows are new. The worker runs the same in batches (`outbox.plan_reminders_pass`)."""
+    now = int(time.time()) if now is None else now
+    return plan_series_batch(conn, series_to_plan(conn, now), now)
