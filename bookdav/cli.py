@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("username")
     create.add_argument("--name", default="", help="what the token is for")
 
+    mail = commands.add_parser("mail", help="mail")
+    mail_commands = mail.add_subparsers(dest="mail_command", required=True, metavar="ACTION")
+    ingest = mail_commands.add_parser(
+        "ingest", help="apply an iMIP REPLY read from stdin (exit 1 with the reason if refused)"
+    )
+    _add_config_option(ingest)
+
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser("upgrade", help="apply schema migrations")
@@ -109,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token_create(settings, args)
         if args.command == "sync":
             return _sync_run(settings, args)
+        if args.command == "mail":
+            return _mail_ingest(settings)
         if args.command == "db":
             database = _open_database(settings)
             _migrate(database)
@@ -120,6 +129,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _mail_ingest(settings: Settings) -> int:
+    from bookdav.notify import inbound, plan
+
+    plan.configure(settings.get("mail", "reminder_minutes"))
+    database = _open_database(settings)
+    raw = sys.stdin.buffer.read(inbound.MAX_MESSAGE_BYTES + 1)
+    try:
+        applied = asyncio.run(inbound.ingest(database, raw, settings.public_base_url))
+    except inbound.Refused as exc:
+        raise Fatal(f"reply refused: {exc}") from exc
+    print(
+        f"reply applied: {applied.action} {applied.partstat} appointment {applied.appointment_id}"
+    )
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:

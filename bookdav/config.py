@@ -61,6 +61,14 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _minutes_list(raw: str) -> str:
+    """Comma-separated minutes ("1440,60"), each 1..525600; kept as text."""
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        if not part.isdigit() or not 1 <= int(part) <= 525_600:
+            raise ValueError("must be minutes between 1 and 525600, separated by commas")
+    return raw
+
+
 @dataclass(frozen=True)
 class Option:
     parse: Callable[[str], Any]
@@ -99,6 +107,23 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "smtp_username": Option(_text, "", "SMTP login, if the server wants one."),
         "smtp_password": Option(_text, "", "SMTP password.", secret=True),
         "smtp_tls": Option(_one_of("none", "starttls", "tls"), "starttls", "none|starttls|tls."),
+        "smtp_verify": Option(
+            _boolean,
+            "true",
+            "Verify the SMTP server's TLS certificate and name (turn off only for a server you "
+            "reach over a trusted network).",
+        ),
+        "smtp_ca_file": Option(
+            _text,
+            "",
+            "PEM file of CA certificates to trust for the SMTP server; empty: the system's.",
+            is_path=True,
+        ),
+        "max_attempts": Option(
+            _positive_int,
+            "10",
+            "Delivery attempts of one outbox row (mail or webhook) before it is marked failed.",
+        ),
         "from_address": Option(_text, "bookdav@localhost", "From: address of notifications."),
         "maildir": Option(
             _text,
@@ -118,7 +143,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "providers who have not chosen).",
         ),
         "reminder_minutes": Option(
-            _text,
+            _minutes_list,
             "1440,60",
             "Reminders before each appointment, in minutes, comma-separated (services may "
             "override); empty: none.",

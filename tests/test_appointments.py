@@ -109,7 +109,8 @@ def test_a_guest_books_a_free_slot_and_it_is_a_real_calendar_event(provider: Pro
             .scalars()
             .all()
         )
-    assert sorted(kinds) == ["client.imip", "provider.notice"]
+    # The invitation, the provider's notice, and the two default reminders (24 h and 1 h before).
+    assert sorted(kinds) == ["client.imip", "client.reminder", "client.reminder", "provider.notice"]
 
 
 def test_the_event_shows_in_sync_collection_right_after_the_201(provider: Provider) -> None:

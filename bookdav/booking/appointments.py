@@ -36,6 +36,7 @@ from bookdav.booking.errors import Conflict, Forbidden, NotFound, PolicyViolatio
 from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
 from bookdav.booking.services import rules_from_json
 from bookdav.booking.slots import DAY, MINUTE, Interval, Rules, SlotQuery, free_slots, merge
+from bookdav.notify import plan as notify_plan
 from bookdav.storage import appointments as store
 from bookdav.storage import calendars
 from bookdav.storage import occurrences as occ
@@ -205,6 +206,7 @@ def reschedule(
         end_utc=start_utc + (current.end_utc - current.start_utc),
         sequence=current.sequence + 1,
         exceptions="{}",
+        client_partstat="NEEDS-ACTION",  # a new time is a new question (RFC 5546 2.1.4)
     )
     text, times = _event(moved, provider, service, [moved], manage_url_base)
     owned = _require_bookable(
@@ -218,6 +220,7 @@ def reschedule(
         end_utc=moved.end_utc,
         sequence=moved.sequence,
         exceptions="{}",
+        client_partstat=moved.client_partstat,
     )
     _announce(conn, "appointment.rescheduled", updated)
     return Booked(updated, service, provider)
@@ -328,6 +331,24 @@ def change_occurrence(
     return Booked(updated, service, provider)
 
 
+def record_answer(
+    conn: Connection, appointment_id: str, partstat: str, manage_url_base: str
+) -> Booked:
+    """The client answered the invitation (ACCEPTED, TENTATIVE or DECLINED without cancelling):
+    their ATTENDEE's PARTSTAT in the stored VEVENT and the appointment row. SEQUENCE stays (an
+    answer is not a change of the event); the caller announces it."""
+    current = _live(conn, appointment_id)
+    provider, service = provider_and_service(conn, current.provider_id, current.service_id)
+    answered = dataclasses.replace(current, client_partstat=partstat)
+    members = [
+        answered if m.id == current.id else m for m in _event_members(conn, current, service)
+    ]
+    text, times = _event(members[0], provider, service, members, manage_url_base)
+    _write_event(conn, provider, service, answered, text, times)
+    updated = store.update_appointment(conn, current.id, client_partstat=partstat)
+    return Booked(updated, service, provider)
+
+
 def calendar_made_appointments(
     conn: Connection, provider: User, start_utc: int, end_utc: int
 ) -> list[dict[str, Any]]:
@@ -421,7 +442,9 @@ def _event(
         end_utc=appointment.end_utc,
         timezone=appointment.timezone,
         organizer=Person(provider.name, provider.email),
-        attendees=tuple(Person(a.client_name, a.client_email) for a in attendees),
+        attendees=tuple(
+            Person(a.client_name, a.client_email, a.client_partstat) for a in attendees
+        ),
         sequence=appointment.sequence,
         status="CANCELLED" if appointment.status == "cancelled" else "CONFIRMED",
         description="\n\n".join(lines),
@@ -560,6 +583,7 @@ def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
     payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
     store.enqueue(conn, appointment.id, [("client.imip", payload), ("provider.notice", payload)])
     push.enqueue_destination_writes(conn, event, appointment)
+    notify_plan.after_change(conn, event, appointment)
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

@@ -211,6 +211,8 @@ def hours_from_events(texts: Iterable[str], timezone: str) -> WorkingHours | Non
 class Person:
     name: str
     email: str
+    # An attendee's answer (RFC 5545 PARTSTAT); a new or moved appointment asks again.
+    partstat: str = "NEEDS-ACTION"
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,9 @@ def _vevent_lines(
         f"ORGANIZER{_person_params(event.organizer)}:mailto:{_one_line(event.organizer.email)}",
     ]
     for attendee in event.attendees:
-        params = _person_params(attendee) + ";ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE"
+        answer = _one_line(attendee.partstat).upper() or "NEEDS-ACTION"
+        rsvp = "TRUE" if answer == "NEEDS-ACTION" else "FALSE"
+        params = f"{_person_params(attendee)};ROLE=REQ-PARTICIPANT;PARTSTAT={answer};RSVP={rsvp}"
         lines.append(f"ATTENDEE{params}:mailto:{_one_line(attendee.email)}")
     if event.description:
         lines.append(f"DESCRIPTION:{_text_value(event.description)}")

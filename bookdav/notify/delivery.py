@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+import ssl
 from collections.abc import Sequence
 from email.message import EmailMessage
 from pathlib import Path
@@ -57,6 +58,9 @@ class SmtpTransport:
         self._password: str = settings.get("mail", "smtp_password")
         self.tls: str = settings.get("mail", "smtp_tls")
         self.description = f"smtp {self.host}:{self.port} tls={self.tls}"
+        self.tls_context = tls_context(
+            settings.get("mail", "smtp_verify"), settings.get("mail", "smtp_ca_file")
+        )
 
     async def send(self, message: EmailMessage, sender: str, recipients: Sequence[str]) -> None:
         await aiosmtplib.send(
@@ -70,8 +74,19 @@ class SmtpTransport:
             use_tls=self.tls == "tls",
             # False, not None: with "none" aiosmtplib must not upgrade on its own either.
             start_tls=self.tls == "starttls",
+            tls_context=self.tls_context if self.tls != "none" else None,
             timeout=SMTP_TIMEOUT_SECONDS,
         )
+
+
+def tls_context(verify: bool, ca_file: str) -> ssl.SSLContext:
+    """Certificates checked against the system's CAs (or `ca_file`'s) and the host name, unless
+    `verify` is off (then TLS still encrypts, but anyone on the path could pose as the server)."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def transport_for(settings: Settings) -> Transport:

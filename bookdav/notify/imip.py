@@ -11,7 +11,7 @@ header or a recipient.
 
 from __future__ import annotations
 
-import html
+import dataclasses
 import json
 import unicodedata
 from dataclasses import dataclass
@@ -25,12 +25,14 @@ from zoneinfo import ZoneInfo
 import icalendar
 
 from bookdav.booking.ical import AppointmentEvent, Person, appointment_event
+from bookdav.notify import templates
 from bookdav.notify.errors import Undeliverable
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.users import User
 
 CLIENT_IMIP = "client.imip"
 PROVIDER_NOTICE = "provider.notice"
+CLIENT_REMINDER = "client.reminder"
 
 # What each outbox event means to the client's calendar (RFC 5546 3.2): an update is a REQUEST
 # with a higher SEQUENCE; a cancellation is CANCEL with STATUS:CANCELLED.
@@ -58,6 +60,9 @@ class Context:
     appointment: Appointment
     provider: User
     service_name: str
+    cancellation_notice_minutes: int = 0
+    service_templates: dict[str, str] = dataclasses.field(default_factory=dict)
+    templates_dir: str = ""
 
 
 def header_text(value: str) -> str:
@@ -181,6 +186,59 @@ def _sender(from_address: str, on_behalf_of: str) -> Address:
     return mailbox(on_behalf_of or name or "bookdav", addr or from_address)
 
 
+def policy_text(context: Context) -> str:
+    """The service's cancellation policy in one sentence, for every client message."""
+    notice = context.cancellation_notice_minutes
+    provider_name = context.provider.name or context.provider.username
+    if notice <= 0:
+        return "Cancellation policy: you can cancel or move this appointment until it starts."
+    amount = f"{notice // 60} hours" if notice % 60 == 0 and notice >= 120 else f"{notice} minutes"
+    return (
+        f"Cancellation policy: cancel or move at least {amount} ahead; "
+        f"after that, please contact {provider_name}."
+    )
+
+
+def _client_values(context: Context, manage_url: str) -> dict[str, object]:
+    appointment, provider = context.appointment, context.provider
+    return {
+        "service": context.service_name,
+        "provider_name": provider.name or provider.username,
+        "client_name": appointment.client_name,
+        "when_client": when_text(appointment, appointment.client_timezone),
+        "when_provider": when_text(appointment, appointment.timezone),
+        "repeats": " (first of a series)" if appointment.recurrence else "",
+        "confirmation_code": appointment.confirmation_code,
+        "notes": appointment.notes,
+        "manage_url": manage_url,
+        "policy": policy_text(context),
+        "cancelled": appointment.status == "cancelled",
+    }
+
+
+def _render(context: Context, name: str, values: dict[str, object]) -> str:
+    return templates.render(
+        name, values, folder=context.templates_dir, overrides=context.service_templates
+    )
+
+
+def _alternative_with_calendar(
+    plain: str, body_html: str, calendar: str, method: str
+) -> EmailMessage:
+    alternative = EmailMessage()
+    alternative.make_alternative()
+    alternative.attach(_text_part(plain, "plain"))
+    alternative.attach(_text_part(body_html, "html"))
+    alternative.attach(_text_part(calendar, "calendar", method=method))
+    message = EmailMessage()
+    message.make_mixed()
+    message.attach(alternative)
+    message.add_attachment(
+        calendar.encode(), maintype="application", subtype="ics", filename="invite.ics"
+    )
+    return message
+
+
 def client_message(
     context: Context,
     payload: dict[str, object],
@@ -194,10 +252,7 @@ def client_message(
     event_name = _event_name(payload)
     method = METHODS[event_name]
     calendar = calendar_with_method(event_for(context, manage_url=manage_url), method)
-    client_zone, provider_zone = appointment.client_timezone, appointment.timezone
-    service, provider_name = context.service_name, provider.name or provider.username
-    when_client = when_text(appointment, client_zone)
-    when_provider = when_text(appointment, provider_zone)
+    provider_name = provider.name or provider.username
     headline = {
         "appointment.created": "Your appointment is booked",
         "appointment.rescheduled": "Your appointment has moved",
@@ -208,44 +263,13 @@ def client_message(
         "appointment.rescheduled": "Updated invitation",
         "appointment.cancelled": "Cancelled",
     }[event_name]
-    repeats = " (first of a series)" if appointment.recurrence else ""
-    lines = [
-        f"{headline}: {service} with {provider_name}.",
-        "",
-        f"When: {when_client}{repeats}",
-        f"Provider's time: {when_provider}",
-        f"Confirmation code: {appointment.confirmation_code}",
-    ]
-    if appointment.notes:
-        lines += ["", "Notes:", appointment.notes]
-    if manage_url and method != "CANCEL":
-        lines += ["", f"Manage or cancel: {manage_url}"]
-    plain = "\n".join(lines) + "\n"
-    e = html.escape
-    notes_html = f"<p>Notes:<br>{e(appointment.notes)}</p>" if appointment.notes else ""
-    link_html = (
-        f'<p><a href="{e(manage_url)}">Manage or cancel</a></p>'
-        if manage_url and method != "CANCEL"
-        else ""
-    )
-    body_html = (
-        "<!DOCTYPE html><html><body>"
-        f"<p>{e(headline)}: {e(service)} with {e(provider_name)}.</p>"
-        f"<p>When: <strong>{e(when_client)}</strong>{e(repeats)}<br>"
-        f"Provider's time: {e(when_provider)}<br>"
-        f"Confirmation code: {e(appointment.confirmation_code)}</p>"
-        f"{notes_html}{link_html}</body></html>\n"
-    )
-    alternative = EmailMessage()
-    alternative.make_alternative()
-    alternative.attach(_text_part(plain, "plain"))
-    alternative.attach(_text_part(body_html, "html"))
-    alternative.attach(_text_part(calendar, "calendar", method=method))
-    message = EmailMessage()
-    message.make_mixed()
-    message.attach(alternative)
-    message.add_attachment(
-        calendar.encode(), maintype="application", subtype="ics", filename="invite.ics"
+    values = _client_values(context, manage_url)
+    values.update(headline=headline, event=event_name, cancelled=method == "CANCEL")
+    message = _alternative_with_calendar(
+        _render(context, "client.txt", values),
+        _render(context, "client.html", values),
+        calendar,
+        method,
     )
     msg_id = message_id(outbox_id, appointment.sequence, from_address)
     _headers(
@@ -253,10 +277,66 @@ def client_message(
         sender=_sender(from_address, provider_name),
         to=mailbox(appointment.client_name, appointment.client_email),
         reply_to=mailbox(provider_name, provider.email),
-        subject=f"{subject_prefix}: {service} with {provider_name}, {when_client}",
+        subject=f"{subject_prefix}: {context.service_name} with {provider_name}, "
+        f"{values['when_client']}",
         msg_id=msg_id,
     )
     return Outgoing(message, _sender_addr(from_address), (appointment.client_email,), msg_id)
+
+
+def _in_words(minutes: int) -> str:
+    if minutes % 1440 == 0:
+        days = minutes // 1440
+        return "tomorrow" if days == 1 else f"in {days} days"
+    if minutes % 60 == 0:
+        hours = minutes // 60
+        return "in 1 hour" if hours == 1 else f"in {hours} hours"
+    return f"in {minutes} minutes"
+
+
+def reminder_message(
+    context: Context,
+    payload: dict[str, object],
+    *,
+    outbox_id: int,
+    from_address: str,
+    manage_url: str,
+) -> Outgoing:
+    """A reminder of one occurrence: text and HTML only (the calendar already holds the event;
+    a REQUEST here would look like a change)."""
+    appointment, provider = context.appointment, context.provider
+    provider_name = provider.name or provider.username
+    occurrence_utc = int(str(payload["occurrenceStartUtc"]))
+    offset = int(str(payload["offsetMinutes"]))
+    length = appointment.end_utc - appointment.start_utc
+    at_occurrence = dataclasses.replace(
+        appointment, start_utc=occurrence_utc, end_utc=occurrence_utc + length
+    )
+    values = _client_values(dataclasses.replace(context, appointment=at_occurrence), manage_url)
+    values["in_words"] = _in_words(offset)
+    message = EmailMessage()
+    message.make_alternative()
+    message.attach(_text_part(_render(context, "reminder.txt", values), "plain"))
+    message.attach(_text_part(_render(context, "reminder.html", values), "html"))
+    # Stable per reminder (its row), whatever the appointment's later sequence.
+    msg_id = message_id(outbox_id, 0, from_address)
+    _headers(
+        message,
+        sender=_sender(from_address, provider_name),
+        to=mailbox(appointment.client_name, appointment.client_email),
+        reply_to=mailbox(provider_name, provider.email),
+        subject=f"Reminder: {context.service_name} with {provider_name}, {values['when_client']}",
+        msg_id=msg_id,
+    )
+    return Outgoing(message, _sender_addr(from_address), (appointment.client_email,), msg_id)
+
+
+PROVIDER_VERBS = {
+    "appointment.created": "New booking",
+    "appointment.rescheduled": "Moved",
+    "appointment.cancelled": "Cancelled",
+    "appointment.replied": "Answered",
+}
 
 
 def provider_message(
@@ -265,30 +345,29 @@ def provider_message(
     """The provider's notice: what changed, in the provider's zone, the calendar as PUBLISH (their
     own calendar already holds the event; this is for reading, not for answering)."""
     appointment, provider = context.appointment, context.provider
-    event_name = _event_name(payload)
-    verb = {
-        "appointment.created": "New booking",
-        "appointment.rescheduled": "Moved",
-        "appointment.cancelled": "Cancelled",
-    }[event_name]
+    event_name = str(payload.get("event", ""))
+    if event_name not in PROVIDER_VERBS:
+        raise Undeliverable(f"unknown outbox event {event_name!r}")
+    verb = PROVIDER_VERBS[event_name]
     when = when_text(appointment, appointment.timezone)
-    client = f"{header_text(appointment.client_name)} <{appointment.client_email}>"
-    lines = [
-        f"{verb}: {context.service_name} with {client}",
-        "",
-        f"When: {when}",
-        f"Client's time: {when_text(appointment, appointment.client_timezone)}",
-        f"Confirmation code: {appointment.confirmation_code}",
-    ]
-    if appointment.cancellation_reason and event_name == "appointment.cancelled":
-        lines += [f"Reason: {appointment.cancellation_reason}"]
-    if appointment.notes:
-        lines += ["", "Notes:", appointment.notes]
+    values: dict[str, object] = {
+        "verb": verb,
+        "service": context.service_name,
+        "client": f"{header_text(appointment.client_name)} <{appointment.client_email}>",
+        "when_provider": when,
+        "when_client": when_text(appointment, appointment.client_timezone),
+        "confirmation_code": appointment.confirmation_code,
+        "reason": appointment.cancellation_reason if event_name == "appointment.cancelled" else "",
+        "partstat": str(payload.get("partstat", "")) if event_name == "appointment.replied" else "",
+        "notes": appointment.notes,
+        "event": event_name,
+    }
     message = EmailMessage()
     message.make_mixed()
-    message.attach(_text_part("\n".join(lines) + "\n", "plain"))
+    message.attach(_text_part(_render(context, "provider.txt", values), "plain"))
     calendar = calendar_with_method(event_for(context, manage_url=""), "PUBLISH")
     message.attach(_text_part(calendar, "calendar", method="PUBLISH"))
+    # A reply does not change the sequence: its row id keeps the Message-ID apart.
     msg_id = message_id(outbox_id, appointment.sequence, from_address)
     _headers(
         message,
@@ -322,4 +401,9 @@ def build(
         )
     if kind == PROVIDER_NOTICE:
         return provider_message(context, payload, outbox_id=outbox_id, from_address=from_address)
+    if kind == CLIENT_REMINDER:
+        manage_url = f"{base_url}/manage/{context.appointment.manage_token}" if base_url else ""
+        return reminder_message(
+            context, payload, outbox_id=outbox_id, from_address=from_address, manage_url=manage_url
+        )
     raise Undeliverable(f"no message for outbox kind {kind!r}")

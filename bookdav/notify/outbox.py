@@ -52,6 +52,8 @@ POLL_SECONDS = 0.5
 # After a pass fails as a whole (database away), wait longer before the next one.
 ERROR_PAUSE_SECONDS = 5.0
 MAX_ERROR_CHARS = 1000
+# How often the worker plans the reminders of recurring series (the window is two days wide).
+PLAN_INTERVAL_SECONDS = 600
 
 PENDING, SENDING, SENT, FAILED, SUPERSEDED = "pending", "sending", "sent", "failed", "superseded"
 
@@ -164,13 +166,15 @@ Handler = Callable[[Job], Awaitable[None]]
 def handlers() -> dict[str, Handler]:
     """Outbox kind -> the coroutine that delivers it. A handler returns on success, raises
     `Superseded` or `Undeliverable`, and any other exception means "retry later"."""
-    from bookdav.notify import mail
+    from bookdav.notify import mail, plan, webhook
     from bookdav.sync import push
 
     return {
         imip.CLIENT_IMIP: mail.deliver,
         imip.PROVIDER_NOTICE: mail.deliver,
         push.KIND: push.deliver,
+        imip.CLIENT_REMINDER: mail.deliver,
+        plan.WEBHOOK: webhook.deliver,
     }
 
 
@@ -233,7 +237,8 @@ async def _deliver(job: Job, handler: Handler | None) -> bool:
 async def _failed(job: Job, exc: Exception) -> None:
     row, fields = job.row, job.fields
     error = _error_text(exc)
-    if isinstance(exc, Undeliverable) or row.attempts >= MAX_ATTEMPTS:
+    max_attempts = job.settings.get("mail", "max_attempts") or MAX_ATTEMPTS
+    if isinstance(exc, Undeliverable) or row.attempts >= max_attempts:
         await job.database.run_write(finish, row, FAILED, error=error)
         log_event(log, "outbox row failed", logging.ERROR, **fields, status=FAILED, error=error)
         return
@@ -249,19 +254,41 @@ async def _failed(job: Job, exc: Exception) -> None:
     )
 
 
+async def plan_reminders_pass(database: Database, batch_size: int = 50) -> int:
+    """Plan the reminders of recurring series that entered the planning window (idempotent), in
+    short write transactions of `batch_size` series, so bookings queue behind none of them long."""
+    from bookdav.notify import plan
+
+    now = int(time.time())
+    series = await database.run_read(plan.series_to_plan, now)
+    planned = 0
+    for start in range(0, len(series), batch_size):
+        planned += await database.run_write(
+            plan.plan_series_batch, series[start : start + batch_size], now
+        )
+    if planned:
+        log_event(log, "reminders planned", count=planned)
+    return planned
+
+
 async def run_worker(
     database: Database,
     settings: Settings,
     wake: asyncio.Event | None = None,
     poll_seconds: float = POLL_SECONDS,
 ) -> None:
-    """Poll for due rows until cancelled; `wake.set()` starts a pass at once."""
+    """Poll for due rows until cancelled; `wake.set()` starts a pass at once. Every
+    `PLAN_INTERVAL_SECONDS` it also plans the reminders of recurring series."""
     wake = wake or asyncio.Event()
     transport = transport_for(settings)
     log_event(log, "outbox worker started", transport=transport.description)
+    planned_at = 0.0
     while True:
         pause = poll_seconds
         try:
+            if time.monotonic() - planned_at >= PLAN_INTERVAL_SECONDS:
+                planned_at = time.monotonic()
+                await plan_reminders_pass(database)
             if await database.run_read(any_due, int(time.time())):
                 await run_once(database, settings, transport=transport)
         except Exception:

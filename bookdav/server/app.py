@@ -8,7 +8,7 @@ from aiohttp import web
 
 from bookdav import web as pages
 from bookdav.config import Settings
-from bookdav.server import api, background, dav, health, outbox_task, sync_task
+from bookdav.server import api, background, dav, health, inbound_task, outbox_task, sync_task
 from bookdav.server.keys import CREDENTIALS, DATABASE, SETTINGS
 from bookdav.server.middlewares import problem_details, request_log
 from bookdav.storage.db import database_for
@@ -23,7 +23,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_log, problem_details],
+        middlewares=[request_log, problem_details, outbox_task.wake_outbox],
         client_max_size=settings.get("server", "max_body_bytes"),
     )
     app[SETTINGS] = settings
@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(background.horizon_ctx)
     app.cleanup_ctx.append(outbox_task.outbox_ctx)
     app.cleanup_ctx.append(sync_task.sync_ctx)
+    app.cleanup_ctx.append(inbound_task.inbound_ctx)
     app.add_routes(health.routes)
     app.add_routes(dav.routes)
     api.add_routes(app)

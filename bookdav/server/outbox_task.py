@@ -12,17 +12,37 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from bookdav.notify import outbox
+from bookdav.notify import outbox, plan
 from bookdav.server.keys import DATABASE, SETTINGS
+
+OUTBOX_WAKE = web.AppKey("outbox_wake", asyncio.Event)
 
 
 async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the outbox worker for the app's lifetime (after the database is opened)."""
+    plan.configure(app[SETTINGS].get("mail", "reminder_minutes"))
+    wake = app[OUTBOX_WAKE] = asyncio.Event()
     task = asyncio.create_task(
-        outbox.run_worker(app[DATABASE], app[SETTINGS]), name="outbox-worker"
+        outbox.run_worker(app[DATABASE], app[SETTINGS], wake), name="outbox-worker"
     )
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@web.middleware
+async def wake_outbox(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """After a successful API write (a booking, a move, a cancellation has committed by the time
+    the handler returns), start an outbox pass now instead of at the next poll."""
+    response = await handler(request)
+    if (
+        request.method not in ("GET", "HEAD", "OPTIONS")
+        and request.path.startswith("/api/")
+        and response.status < 300
+        and OUTBOX_WAKE in request.app
+    ):
+        request.app[OUTBOX_WAKE].set()
+    return response

@@ -42,6 +42,8 @@ class Appointment:
     updated_at: int
     # Recurring appointments: cancelled and moved occurrences, {"exdates": [...], "moved": {...}}.
     exceptions: str = "{}"
+    # The client's answer to the invitation (an iMIP REPLY): NEEDS-ACTION until they answer.
+    client_partstat: str = "NEEDS-ACTION"
 
 
 _FIELDS = [f.name for f in fields(Appointment)]
@@ -53,6 +55,11 @@ def _from_row(row: Any) -> Appointment:
 
 # On every booking: through the driver (storage.sql), a tenth of a Core insert's cost.
 _INSERT_APPOINTMENT = f"INSERT INTO appointments ({', '.join(_FIELDS)}) VALUES ({', '.join(':' + n for n in _FIELDS)})"
+
+
+def appointment_from_row(row: Any) -> Appointment:
+    """An `Appointment` from a full row of `appointments` (for queries of other modules)."""
+    return _from_row(row)
 
 
 def insert_appointment(conn: Connection, appointment: Appointment) -> None:

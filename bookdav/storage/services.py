@@ -30,6 +30,9 @@ class ServiceRecord:
     created_by: str
     provider_ids: tuple[str, ...] = field(default=())
     resource_ids: tuple[str, ...] = field(default=())
+    # Notification overrides (`services.templates`): {"templates": {name: source},
+    # "reminderMinutes": [...]}.
+    notifications: dict[str, Any] = field(default_factory=dict)
 
 
 def _linked(
@@ -69,6 +72,7 @@ def _record(
         created_by=row.created_by,
         provider_ids=provider_ids,
         resource_ids=resource_ids,
+        notifications=json.loads(row.templates or "{}"),
     )
 
 
@@ -85,6 +89,7 @@ def insert_service(
     created_by: str,
     provider_ids: Sequence[str],
     resource_ids: Sequence[str] = (),
+    notifications: dict[str, Any] | None = None,
 ) -> ServiceRecord:
     service_id = str(uuid.uuid4())
     now = int(time.time())
@@ -98,6 +103,7 @@ def insert_service(
             price_amount=price_amount,
             price_currency=price_currency,
             rules=json.dumps(rules, sort_keys=True),
+            templates=json.dumps(notifications or {}, sort_keys=True),
             created_by=created_by,
             created_at=now,
             updated_at=now,
@@ -177,6 +183,8 @@ def update_service(
 ) -> ServiceRecord | None:
     if "rules" in changes:
         changes["rules"] = json.dumps(changes["rules"], sort_keys=True)
+    if "notifications" in changes:
+        changes["templates"] = json.dumps(changes.pop("notifications"), sort_keys=True)
     conn.execute(
         update(services)
         .where(services.c.id == service_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -150,3 +151,23 @@ def update_user(conn: Connection, user_id: str, **changes: Any) -> User | None:
     if changes:
         conn.execute(update(users).where(users.c.id == user_id).values(**changes))
     return user_by_id(conn, user_id)
+
+
+def user_preferences(conn: Connection, user_id: str) -> dict[str, Any]:
+    """The user's preferences (JSON object; {} when none were chosen)."""
+    raw = conn.execute(select(users.c.preferences).where(users.c.id == user_id)).scalar()
+    found = json.loads(raw or "{}")
+    return found if isinstance(found, dict) else {}
+
+
+def merge_preferences(conn: Connection, user_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set some preferences, keeping the others; run inside a write transaction holding the
+    user's lock, so two changes at once cannot drop each other's keys."""
+    merged = {**user_preferences(conn, user_id), **changes}
+    merged = {key: value for key, value in merged.items() if value is not None}
+    conn.execute(
+        update(users)
+        .where(users.c.id == user_id)
+        .values(preferences=json.dumps(merged, sort_keys=True))
+    )
+    return merged

@@ -8,9 +8,11 @@ from bookdav.server.api import (
     appointments,
     availability,
     calendars,
+    outbox,
     resources,
     services,
     users,
+    webhooks,
 )
 from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
@@ -22,6 +24,8 @@ ROUTE_TABLES = (
     resources.routes,
     appointments.routes,
     calendars.routes,
+    webhooks.routes,
+    outbox.routes,
 )
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from bookdav.booking.errors import Forbidden, InvalidInput, NotFound
 from bookdav.booking.services import RULE_FIELDS, rules_from_json, rules_json, slug_for
+from bookdav.notify import templates
 from bookdav.server.api import validation as v
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE
@@ -34,6 +35,7 @@ def service_json(service: store.ServiceRecord) -> dict[str, Any]:
         "providerIds": list(service.provider_ids),
         "resources": list(service.resource_ids),
         "rules": rules_json(rules_from_json(service.rules)),
+        "notifications": notification_settings_json(service.notifications),
     }
 
 
@@ -61,6 +63,45 @@ def _rules(body: dict[str, Any]) -> dict[str, Any]:
             continue
         rules[name] = v.integer(value, f"rules.{name}", minimum=minimum, maximum=maximum)
     return rules
+
+
+def _notifications(body: dict[str, Any]) -> dict[str, Any]:
+    """`notifications`: {"templates": {name: jinja2 source}, "reminderMinutes": [..] or null};
+    every template must compile (400 naming it otherwise)."""
+    raw = v.object_field(body, "notifications", required=False)
+    unknown = sorted(set(raw) - {"templates", "reminderMinutes"})
+    if unknown:
+        raise InvalidInput(f"notifications.{unknown[0]}", "is not a known setting")
+    result: dict[str, Any] = {}
+    sources = v.object_field(raw, "templates", required=False)
+    for name, source in sources.items():
+        if not isinstance(source, str):
+            raise InvalidInput(f"notifications.templates.{name}", "must be a string")
+        try:
+            templates.check(name, source)
+        except templates.TemplateInvalid as exc:
+            raise InvalidInput(f"notifications.templates.{name}", str(exc)) from exc
+    if sources:
+        result["templates"] = dict(sources)
+    minutes = raw.get("reminderMinutes")
+    if minutes is not None:
+        if not isinstance(minutes, list) or len(minutes) > 10:
+            raise InvalidInput("notifications.reminderMinutes", "must be a list of at most 10")
+        result["reminderMinutes"] = sorted(
+            {
+                v.integer(m, "notifications.reminderMinutes", minimum=1, maximum=525_600)
+                for m in minutes
+            },
+            reverse=True,
+        )
+    return result
+
+
+def notification_settings_json(stored: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "templates": stored.get("templates", {}),
+        "reminderMinutes": stored.get("reminderMinutes"),
+    }
 
 
 async def _resource_ids(request: web.Request, body: dict[str, Any]) -> list[str]:
@@ -113,6 +154,7 @@ async def create_service(request: web.Request) -> web.Response:
     duration = v.integer(body["duration"], "duration", minimum=5, maximum=MAX_DURATION_MINUTES)
     amount, currency = _price(body)
     rules = _rules(body)
+    notifications = _notifications(body)
     resource_ids = await _resource_ids(request, body)
     provider_ids = await _provider_ids(request, actor, body)
     service = await request.app[DATABASE].run_write(
@@ -128,6 +170,7 @@ async def create_service(request: web.Request) -> web.Response:
             created_by=actor.id,
             provider_ids=provider_ids,
             resource_ids=resource_ids,
+            notifications=notifications,
         )
     )
     return web.json_response(
@@ -178,6 +221,8 @@ async def put_service(request: web.Request) -> web.Response:
         changes["price_amount"], changes["price_currency"] = _price(body)
     if "rules" in body:
         changes["rules"] = {**service.rules, **_rules(body)}
+    if "notifications" in body:  # replaces the whole object: what you PUT is what is used
+        changes["notifications"] = _notifications(body)
     resource_ids = await _resource_ids(request, body) if "resources" in body else None
     provider_ids = await _provider_ids(request, actor, body) if "providerIds" in body else None
     updated = await request.app[DATABASE].run_write(

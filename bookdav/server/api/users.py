@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 from typing import Any
@@ -15,6 +16,7 @@ from bookdav.booking.accounts import (
     validate_account,
 )
 from bookdav.booking.errors import Conflict, Forbidden, InvalidInput, NotFound
+from bookdav.logs import log_event
 from bookdav.server.api import validation as v
 from bookdav.server.auth import current_user, may_act_for, require_user
 from bookdav.server.keys import DATABASE, SETTINGS
@@ -24,11 +26,14 @@ from bookdav.storage.users import (
     User,
     UsernameTaken,
     hash_password,
+    merge_preferences,
     update_user,
     user_by_id,
+    user_preferences,
 )
 
 routes = web.RouteTableDef()
+log = logging.getLogger("bookdav.api.users")
 
 MIN_PASSWORD_LENGTH = 8
 
@@ -206,3 +211,47 @@ async def revoke_token(request: web.Request) -> web.Response:
     if not revoked:
         raise NotFound("no such live token")
     return web.Response(status=204)
+
+
+# Preferences a user may set, with the type each must have.
+PREFERENCE_TYPES: dict[str, type] = {"notifyByEmail": bool}
+
+
+def _preferences_json(stored: dict[str, Any], settings_default: bool) -> dict[str, Any]:
+    chosen = stored.get("notifyByEmail")
+    return {
+        "notifyByEmail": chosen if isinstance(chosen, bool) else None,
+        # What applies now: the user's choice, else the server's `[mail] notify_providers`.
+        "effective": {"notifyByEmail": chosen if isinstance(chosen, bool) else settings_default},
+    }
+
+
+@routes.get("/api/v1/users/{userId}/preferences")
+async def get_preferences(request: web.Request) -> web.Response:
+    _, target = await _target_user(request)
+    stored = await request.app[DATABASE].run_read(user_preferences, target.id)
+    default = request.app[SETTINGS].get("mail", "notify_providers")
+    return web.json_response(_preferences_json(stored, default))
+
+
+@routes.put("/api/v1/users/{userId}/preferences")
+async def put_preferences(request: web.Request) -> web.Response:
+    """Set some preferences (the others stay); `null` forgets a choice (the default applies)."""
+    _, target = await _target_user(request)
+    body = await v.json_object(request)
+    if not body:
+        raise InvalidInput("notifyByEmail", "name at least one preference")
+    for name, value in body.items():
+        wanted = PREFERENCE_TYPES.get(name)
+        if wanted is None:
+            raise InvalidInput(name, "is not a known preference")
+        if value is not None and not isinstance(value, wanted):
+            raise InvalidInput(name, f"must be {wanted.__name__} or null")
+    stored = await request.app[DATABASE].run_write(
+        merge_preferences, target.id, dict(body), principals=[target.username]
+    )
+    log_event(
+        log, "preferences changed", user_id=target.id, changed=sorted(body), by=request.remote
+    )
+    default = request.app[SETTINGS].get("mail", "notify_providers")
+    return web.json_response(_preferences_json(stored, default))

@@ -1,0 +1,272 @@
+"""What a change to an appointment plans beyond the two iMIP rows: reminders and webhook calls.
+
+`after_change` runs inside the booking transaction (called from `booking.appointments._announce`),
+so a reminder or a webhook delivery exists exactly when the change it follows committed. Reminder
+rows carry a `dedupe_key` (appointment, occurrence start, offset, sequence): inserting one twice,
+from the transaction or from the periodic planner of the outbox worker, leaves one row, so each
+reminder is sent at most once per state of the appointment, across restarts and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from bookdav.storage.appointments import Appointment, appointment_from_row
+from bookdav.storage.schema import (
+    appointments,
+    collections,
+    items,
+    occurrences,
+    outbox,
+    services,
+    users,
+    webhooks,
+)
+
+REMINDER = "client.reminder"
+WEBHOOK = "webhook"
+
+# The events a webhook may subscribe to (each is also an outbox row's "event").
+WEBHOOK_EVENTS = (
+    "appointment.created",
+    "appointment.rescheduled",
+    "appointment.cancelled",
+    "appointment.replied",
+)
+# How far ahead reminders are planned: the transaction and the planner both look this far past
+# the largest offset; a recurring series gets its later reminders from the planner.
+PLAN_AHEAD_SECONDS = 2 * 86400
+# The process's default reminder offsets ([mail] reminder_minutes), set by `configure`.
+_default_reminder_minutes: tuple[int, ...] = (1440, 60)
+
+
+def parse_minutes(text: str) -> tuple[int, ...]:
+    """ "1440, 60" -> (1440, 60); ValueError names what is wrong."""
+    values = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        value = int(part.strip())
+        if not 0 < value <= 525_600:
+            raise ValueError(f"reminder offset {value} is not between 1 and 525600 minutes")
+        values.append(value)
+    return tuple(sorted(set(values), reverse=True))
+
+
+def configure(reminder_minutes: str) -> None:
+    """Set the process default offsets (from `[mail] reminder_minutes`)."""
+    global _default_reminder_minutes
+    _default_reminder_minutes = parse_minutes(reminder_minutes)
+
+
+def service_overrides(conn: Connection, service_id: str) -> dict[str, Any]:
+    raw = conn.execute(
+        select(services.c.templates).where(services.c.id == service_id)
+    ).scalar_one_or_none()
+    try:
+        found = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def reminder_offsets(conn: Connection, service_id: str) -> tuple[int, ...]:
+    """The service's `reminderMinutes` if it set them, else the process default."""
+    chosen = service_overrides(conn, service_id).get("reminderMinutes")
+    if isinstance(chosen, list) and all(isinstance(m, int) for m in chosen):
+        return tuple(sorted(set(chosen), reverse=True))
+    return _default_reminder_minutes
+
+
+def occurrence_starts(
+    conn: Connection, appointment: Appointment, start: int, end: int
+) -> list[int]:
+    """Starts of the appointment's live occurrences within [start, end): a single appointment's
+    own start, a series' from the occurrence index (EXDATEs gone, moved ones at their new time)."""
+    if appointment.status != "confirmed":
+        return []
+    if not appointment.recurrence:
+        return [appointment.start_utc] if start <= appointment.start_utc < end else []
+    rows = conn.execute(
+        select(occurrences.c.start_utc)
+        .select_from(
+            occurrences.join(items, items.c.id == occurrences.c.item_id)
+            .join(collections, collections.c.id == items.c.collection_id)
+            .join(users, users.c.username == collections.c.owner)
+        )
+        .where(
+            items.c.uid == appointment.event_uid,
+            users.c.id == appointment.provider_id,
+            occurrences.c.busy.is_(True),
+            occurrences.c.start_utc >= start,
+            occurrences.c.start_utc < end,
+        )
+        .distinct()
+    )
+    return sorted(row.start_utc for row in rows)
+
+
+def reminder_key(appointment: Appointment, occurrence_utc: int, offset_minutes: int) -> str:
+    return f"{appointment.id}:{occurrence_utc}:{offset_minutes}:{appointment.sequence}"
+
+
+def plan_reminders(conn: Connection, appointment: Appointment, now: int | None = None) -> int:
+    """Insert the reminders of the coming window not yet planned; returns how many were new.
+    A reminder whose time has already passed is not planned (a booking 30 minutes ahead gets no
+    "in an hour" reminder)."""
+    now = int(time.time()) if now is None else now
+    offsets = reminder_offsets(conn, appointment.service_id)
+    if not offsets:
+        return 0
+    # A single appointment gets all its reminders now; a series those of the coming window (the
+    # outbox worker's planner adds the later ones as the window moves).
+    horizon = now + max(offsets) * 60 + PLAN_AHEAD_SECONDS
+    if not appointment.recurrence:
+        horizon = max(horizon, appointment.start_utc + 1)
+    rows = []
+    for occurrence_utc in occurrence_starts(conn, appointment, now, horizon):
+        for offset in offsets:
+            due = occurrence_utc - offset * 60
+            if due < now - 60:
+                continue
+            payload = {
+                "event": "appointment.reminder",
+                "appointmentId": appointment.id,
+                "sequence": appointment.sequence,
+                "occurrenceStartUtc": occurrence_utc,
+                "offsetMinutes": offset,
+            }
+            rows.append(
+                {
+                    "kind": REMINDER,
+                    "appointment_id": appointment.id,
+                    "payload": json.dumps(payload, sort_keys=True),
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": max(due, now),
+                    "created_at": now,
+                    "dedupe_key": reminder_key(appointment, occurrence_utc, offset),
+                }
+            )
+    return insert_once(conn, rows)
+
+
+def insert_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert outbox rows, skipping any whose `dedupe_key` exists (ON CONFLICT DO NOTHING, so two
+    planners racing never fail a transaction)."""
+    if not rows:
+        return 0
+    dialect = conn.dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(outbox).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    inserted = 0
+    for row in rows:  # rowcount per row: executemany does not report it on every driver
+        inserted += conn.execute(statement.values(**row)).rowcount or 0
+    return inserted
+
+
+def enqueue_webhooks(
+    conn: Connection, event: str, appointment: Appointment, now: int | None = None
+) -> int:
+    """One outbox row per live webhook subscribed to `event`: the provider's own hooks and every
+    admin's. The body is fixed now, so a retry signs and sends the same bytes."""
+    now = int(time.time()) if now is None else now
+    hooks = conn.execute(
+        select(webhooks.c.id, webhooks.c.events)
+        .select_from(webhooks.join(users, users.c.id == webhooks.c.owner_id))
+        .where(
+            webhooks.c.deleted_at.is_(None),
+            (webhooks.c.owner_id == appointment.provider_id) | (users.c.role == "admin"),
+        )
+        .order_by(webhooks.c.created_at)
+    ).all()
+    body = {
+        "event": event,
+        "occurredAt": now,
+        "appointment": webhook_appointment(appointment),
+    }
+    rows = []
+    for hook in hooks:
+        if event not in json.loads(hook.events):
+            continue
+        delivery_id = str(uuid.uuid4())
+        payload = {"event": event, "hookId": hook.id, "deliveryId": delivery_id, "body": body}
+        rows.append(
+            {
+                "kind": WEBHOOK,
+                "appointment_id": appointment.id,
+                "payload": json.dumps(payload, sort_keys=True),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "dedupe_key": None,
+            }
+        )
+    if rows:
+        conn.execute(outbox.insert(), rows)
+    return len(rows)
+
+
+def webhook_appointment(appointment: Appointment) -> dict[str, Any]:
+    """What a webhook says about an appointment (no manage token: a webhook is not the client)."""
+    return {
+        "appointmentId": appointment.id,
+        "serviceId": appointment.service_id,
+        "providerId": appointment.provider_id,
+        "status": appointment.status,
+        "startUtc": appointment.start_utc,
+        "endUtc": appointment.end_utc,
+        "timezone": appointment.timezone,
+        "recurrence": appointment.recurrence,
+        "sequence": appointment.sequence,
+        "clientName": appointment.client_name,
+        "clientEmail": appointment.client_email,
+        "confirmationCode": appointment.confirmation_code,
+        "cancellationReason": appointment.cancellation_reason,
+    }
+
+
+def after_change(conn: Connection, event: str, appointment: Appointment) -> None:
+    """Called in the booking transaction after the iMIP rows: reminders for the new state (the
+    old state's reminders are superseded by the sequence), and the webhook deliveries."""
+    if appointment.status == "confirmed":
+        plan_reminders(conn, appointment)
+    enqueue_webhooks(conn, event, appointment)
+
+
+def series_to_plan(conn: Connection, now: int) -> list[str]:
+    """Ids of confirmed recurring series that may have an occurrence in the planning window."""
+    return list(
+        conn.execute(
+            select(appointments.c.id)
+            .where(
+                appointments.c.status == "confirmed",
+                appointments.c.recurrence.is_not(None),
+                appointments.c.start_utc < now + 366 * 86400,
+            )
+            .order_by(appointments.c.id)
+        ).scalars()
+    )
+
+
+def plan_series_batch(conn: Connection, appointment_ids: Sequence[str], now: int) -> int:
+    """Plan the reminders of these series (re-read inside this transaction: a series cancelled
+    since the listing gets none)."""
+    rows = conn.execute(select(appointments).where(appointments.c.id.in_(appointment_ids))).all()
+    return sum(plan_reminders(conn, appointment_from_row(row), now) for row in rows)
+
+
+def plan_series_reminders(conn: Connection, now: int | None = None) -> int:
+    """The periodic planner in one transaction (tests, small installs): reminders of confirmed
+    recurring series whose occurrences entered the window. Idempotent (dedupe keys); returns how
+    many rows are new. The worker runs the same in batches (`outbox.plan_reminders_pass`)."""
+    now = int(time.time()) if now is None else now
+    return plan_series_batch(conn, series_to_plan(conn, now), now)
