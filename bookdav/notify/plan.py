@@ -16,18 +16,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from bookdav.storage.appointments import Appointment, appointment_from_row
+from bookdav.storage import sql
+from bookdav.storage.appointments import (
+    Appointment,
+    appointment_from_row,
+    insert_outbox_rows,
+    outbox_row,
+)
 from bookdav.storage.schema import (
     appointments,
     collections,
     items,
     occurrences,
-    outbox,
-    services,
     users,
-    webhooks,
 )
 
 REMINDER = "client.reminder"
@@ -67,9 +69,7 @@ def configure(reminder_minutes: str) -> None:
 
 
 def service_overrides(conn: Connection, service_id: str) -> dict[str, Any]:
-    raw = conn.execute(
-        select(services.c.templates).where(services.c.id == service_id)
-    ).scalar_one_or_none()
+    raw = sql.scalar(conn, "SELECT templates FROM services WHERE id = :id", {"id": service_id})
     try:
         found = json.loads(raw or "{}")
     except ValueError:
@@ -143,33 +143,27 @@ def plan_reminders(conn: Connection, appointment: Appointment, now: int | None =
                 "occurrenceStartUtc": occurrence_utc,
                 "offsetMinutes": offset,
             }
+            key = reminder_key(appointment, occurrence_utc, offset)
             rows.append(
-                {
-                    "kind": REMINDER,
-                    "appointment_id": appointment.id,
-                    "payload": json.dumps(payload, sort_keys=True),
-                    "status": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": max(due, now),
-                    "created_at": now,
-                    "dedupe_key": reminder_key(appointment, occurrence_utc, offset),
-                }
+                outbox_row(
+                    REMINDER, appointment.id, payload, now=now, due=max(due, now), dedupe_key=key
+                )
             )
     return insert_once(conn, rows)
 
 
 def insert_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert outbox rows, skipping any whose `dedupe_key` exists (ON CONFLICT DO NOTHING, so two
-    planners racing never fail a transaction)."""
-    if not rows:
-        return 0
-    dialect = conn.dialect.name
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(outbox).on_conflict_do_nothing(index_elements=["dedupe_key"])
-    inserted = 0
-    for row in rows:  # rowcount per row: executemany does not report it on every driver
-        inserted += conn.execute(statement.values(**row)).rowcount or 0
-    return inserted
+    """Insert outbox rows, skipping any whose `dedupe_key` exists; how many were new."""
+    return insert_outbox_rows(conn, rows)
+
+
+# Runs in every booking transaction (usually finding nothing): through the driver, see storage.sql.
+_LIVE_HOOKS = (
+    "SELECT webhooks.id, webhooks.events FROM webhooks JOIN users ON users.id = webhooks.owner_id"
+    " WHERE webhooks.deleted_at IS NULL"
+    " AND (webhooks.owner_id = :provider_id OR users.role = 'admin')"
+    " ORDER BY webhooks.created_at"
+)
 
 
 def enqueue_webhooks(
@@ -178,41 +172,20 @@ def enqueue_webhooks(
     """One outbox row per live webhook subscribed to `event`: the provider's own hooks and every
     admin's. The body is fixed now, so a retry signs and sends the same bytes."""
     now = int(time.time()) if now is None else now
-    hooks = conn.execute(
-        select(webhooks.c.id, webhooks.c.events)
-        .select_from(webhooks.join(users, users.c.id == webhooks.c.owner_id))
-        .where(
-            webhooks.c.deleted_at.is_(None),
-            (webhooks.c.owner_id == appointment.provider_id) | (users.c.role == "admin"),
-        )
-        .order_by(webhooks.c.created_at)
-    ).all()
+    hooks = sql.rows(conn, _LIVE_HOOKS, {"provider_id": appointment.provider_id})
     body = {
         "event": event,
         "occurredAt": now,
         "appointment": webhook_appointment(appointment),
     }
     rows = []
-    for hook in hooks:
-        if event not in json.loads(hook.events):
+    for hook_id, events in hooks:
+        if event not in json.loads(events):
             continue
         delivery_id = str(uuid.uuid4())
-        payload = {"event": event, "hookId": hook.id, "deliveryId": delivery_id, "body": body}
-        rows.append(
-            {
-                "kind": WEBHOOK,
-                "appointment_id": appointment.id,
-                "payload": json.dumps(payload, sort_keys=True),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-                "dedupe_key": None,
-            }
-        )
-    if rows:
-        conn.execute(outbox.insert(), rows)
-    return len(rows)
+        payload = {"event": event, "hookId": hook_id, "deliveryId": delivery_id, "body": body}
+        rows.append(outbox_row(WEBHOOK, appointment.id, payload, now=now))
+    return insert_outbox_rows(conn, rows)
 
 
 def webhook_appointment(appointment: Appointment) -> dict[str, Any]:

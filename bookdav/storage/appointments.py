@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -188,26 +188,70 @@ def store_response(
 # --- outbox --------------------------------------------------------------------------------------
 
 
+_OUTBOX_COLUMNS = (
+    "kind",
+    "appointment_id",
+    "payload",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "dedupe_key",
+)
+
+
+def insert_outbox_rows(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Outbox rows (dicts of `_OUTBOX_COLUMNS`) in one statement, in the caller's transaction; a
+    row whose `dedupe_key` is already stored is skipped (ON CONFLICT DO NOTHING: two planners
+    racing never fail a transaction). Returns how many were inserted."""
+    if not rows:
+        return 0
+    values = ", ".join(
+        "(" + ", ".join(f":{column}_{n}" for column in _OUTBOX_COLUMNS) + ")"
+        for n in range(len(rows))
+    )
+    parameters = {
+        f"{column}_{n}": row.get(column) for n, row in enumerate(rows) for column in _OUTBOX_COLUMNS
+    }
+    cursor = sql.execute(
+        conn,
+        f"INSERT INTO outbox ({', '.join(_OUTBOX_COLUMNS)}) VALUES {values}"
+        " ON CONFLICT (dedupe_key) DO NOTHING",
+        parameters,
+    )
+    return int(cursor.rowcount)
+
+
+def outbox_row(
+    kind: str,
+    appointment_id: str | None,
+    payload: Mapping[str, Any],
+    *,
+    now: int,
+    due: int | None = None,
+    dedupe_key: str | None = None,
+) -> dict[str, Any]:
+    """One pending outbox row, due at `due` (default: now)."""
+    return {
+        "kind": kind,
+        "appointment_id": appointment_id,
+        "payload": json.dumps(payload, sort_keys=True),
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now if due is None else due,
+        "created_at": now,
+        "dedupe_key": dedupe_key,
+    }
+
+
 def enqueue(
     conn: Connection, appointment_id: str | None, messages: Sequence[tuple[str, dict[str, Any]]]
 ) -> None:
     """Outbox rows `(kind, payload)`, written in the caller's transaction: delivered only if that
     commits."""
     now = int(time.time())
-    conn.execute(
-        insert(outbox),
-        [
-            {
-                "kind": kind,
-                "appointment_id": appointment_id,
-                "payload": json.dumps(payload, sort_keys=True),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-            for kind, payload in messages
-        ],
+    insert_outbox_rows(
+        conn, [outbox_row(kind, appointment_id, payload, now=now) for kind, payload in messages]
     )
 
 

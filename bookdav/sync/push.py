@@ -24,7 +24,7 @@ from sqlalchemy import Connection, or_, select
 from bookdav.logs import log_event
 from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.storage import appointments as appointment_store
-from bookdav.storage import calendars
+from bookdav.storage import calendars, sql
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.schema import appointments
 from bookdav.storage.users import user_by_id
@@ -42,10 +42,17 @@ REFUSED = (400, 405, 411, 413, 415, 422)
 LEFT_OUT = ("ORGANIZER", "ATTENDEE", "URL")
 
 
+# Runs in every booking transaction (usually finding nothing): through the driver, see storage.sql.
+_DESTINATIONS = (
+    "SELECT id FROM external_calendars WHERE provider_id = :provider_id AND role = 'destination'"
+    " ORDER BY created_at, id"
+)
+
+
 def enqueue_destination_writes(conn: Connection, event: str, appointment: Appointment) -> None:
     """One outbox row per destination calendar of the appointment's provider, in the booking's
     transaction (nothing if the provider has none)."""
-    destinations = store.calendars_of_provider(conn, appointment.provider_id, role="destination")
+    destinations = sql.rows(conn, _DESTINATIONS, {"provider_id": appointment.provider_id})
     if not destinations:
         return
     appointment_store.enqueue(
@@ -58,10 +65,10 @@ def enqueue_destination_writes(conn: Connection, event: str, appointment: Appoin
                     "event": event,
                     "appointmentId": appointment.id,
                     "sequence": appointment.sequence,
-                    "calendarId": destination.id,
+                    "calendarId": calendar_id,
                 },
             )
-            for destination in destinations
+            for (calendar_id,) in destinations
         ],
     )
 
