@@ -38,13 +38,13 @@ class MaildirTransport:
         self.description = f"maildir {self.path}"
 
     async def send(self, message: EmailMessage, sender: str, recipients: Sequence[str]) -> None:
-        # mailbox does blocking file I/O (write, fsync-free rename): keep it off the event loop.
-        await asyncio.to_thread(self._add, message.as_bytes())
+        # Serializing and mailbox's blocking file I/O (write, fsync-free rename): off the loop.
+        await asyncio.to_thread(self._add, message)
 
-    def _add(self, data: bytes) -> None:
+    def _add(self, message: EmailMessage) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         box = mailbox.Maildir(self.path, create=True)
-        box.add(data)
+        box.add(message.as_bytes())
 
 
 class SmtpTransport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -93,7 +94,10 @@ async def deliver(job: Job) -> None:
         job.settings.get("mail", "notify_providers"),
     ):
         raise Superseded("the provider chose no email notices")
-    outgoing = imip.build(
+    # Building the MIME message is CPU work of a millisecond or more: off the event loop, so a
+    # backlog of mail after a rush does not stall the requests still coming in.
+    outgoing = await asyncio.to_thread(
+        imip.build,
         row.kind,
         context,
         row.payload,
