@@ -546,6 +546,7 @@ def _slot_verdict(
         start_utc - DAY - rules.buffer_before_minutes * MINUTE,
         start_utc + duration + rules.buffer_after_minutes * MINUTE + DAY,
         ignoring_uid=ignoring_uid,
+        fresh=True,  # read by `_require_bookable` in this transaction, before any write
     )
     open_hours = merge(found.pop(availability.id))
     busy = [interval for intervals in found.values() for interval in intervals]

@@ -35,7 +35,7 @@ from bookdav.storage import calendars
 from bookdav.storage.appointments import group_slots_with_room
 from bookdav.storage.calendars import Collection
 from bookdav.storage.resources import resources_of_service
-from bookdav.storage.services import ServiceRecord, service_offered_by
+from bookdav.storage.services import ServiceRecord, provider_with_service, service_offered_by
 from bookdav.storage.users import User, user_by_id
 
 AVAILABILITY_CALENDAR = "availability"
@@ -91,7 +91,11 @@ def day_window(start_day: date, end_day: date, zone: str) -> tuple[int, int]:
 def provider_and_service(
     conn: Connection, provider_id: str, service_id: str
 ) -> tuple[User, ServiceRecord]:
-    """The active provider and a live service they offer, or `NotFound` (three indexed reads)."""
+    """The active provider and a live service they offer, or `NotFound` (one query; on a miss,
+    one by one to say what is missing)."""
+    found = provider_with_service(conn, provider_id, service_id)
+    if found is not None and found[0].role == "provider" and found[0].status == "active":
+        return found
     provider = user_by_id(conn, provider_id)
     if provider is None or provider.role != "provider" or provider.status != "active":
         raise NotFound(f"no provider {provider_id}")

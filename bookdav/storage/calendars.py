@@ -738,14 +738,20 @@ def busy_intervals_by_collection(
     end_utc: int,
     *,
     ignoring_uid: str | None = None,
+    fresh: bool = False,
 ) -> dict[int, list[tuple[int, int]]]:
     """`busy_intervals` per collection id, in three queries whatever the number of collections:
-    this is the slot engine's and the booking check's hot path."""
+    this is the slot engine's and the booking check's hot path. `fresh`: the Collection objects
+    were read in this transaction with no write since, so their longest occurrence is current and
+    need not be read again (a round trip saved on every booking)."""
+    owned = list(owned)
     ids = list(dict.fromkeys(c.id for c in owned))
     found: dict[int, list[tuple[int, int]]] = {collection_id: [] for collection_id in ids}
     if not ids:
         return found
-    for collection_id, start, end in _indexed_busy(conn, ids, start_utc, end_utc, ignoring_uid):
+    longest = max(c.longest_occurrence_seconds for c in owned) if fresh else None
+    indexed = _indexed_busy(conn, ids, start_utc, end_utc, ignoring_uid, longest)
+    for collection_id, start, end in indexed:
         found[collection_id].append((start, end))
     for collection_id, start, end in _unindexed_busy(conn, ids, start_utc, end_utc, ignoring_uid):
         found[collection_id].append((start, end))
@@ -778,9 +784,11 @@ def _indexed_busy(
     start_utc: int,
     end_utc: int,
     ignoring_uid: str | None,
+    longest: int | None = None,
 ) -> list[tuple[int, int, int]]:
-    # Read now, not from Collection objects: a caller may hold ones from before its writes.
-    longest = sql.scalar(conn, _LONGEST_OCCURRENCE, {"collection_ids": collection_ids})
+    if longest is None:
+        # Read now, not from Collection objects: a caller may hold ones from before its writes.
+        longest = sql.scalar(conn, _LONGEST_OCCURRENCE, {"collection_ids": collection_ids})
     bounds = [(False, SHORT_OCCURRENCE_SECONDS)] + ([(True, longest)] if longest else [])
     parameters = {
         "collection_ids": collection_ids,

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Table, delete, insert, select, update
 from bookdav.storage import sql
 from bookdav.storage.resources import set_service_resources
 from bookdav.storage.schema import service_providers, service_resources, services, users
+from bookdav.storage.users import User
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,42 @@ def service_offered_by(conn: Connection, service_id: str, provider_id: str) -> S
         return None
     needs = tuple(row[0] for row in sql.rows(conn, _SERVICE_RESOURCES, parameters))
     return _record(SimpleNamespace(**found[0]), (provider_id,), needs)
+
+
+_USER_FIELDS = tuple(User.__dataclass_fields__)
+# The booking path's first read, one round trip: the provider, the service (if the provider offers
+# it and it is live) and its resources (a row each, or one row with NULL).
+_PROVIDER_WITH_SERVICE = (
+    "SELECT "
+    + ", ".join(f"users.{name} AS user_{name}" for name in _USER_FIELDS)
+    + ", services.*, service_resources.resource_id AS needs_resource_id"
+    " FROM users JOIN service_providers ON service_providers.provider_id = users.id"
+    " JOIN services ON services.id = service_providers.service_id"
+    " LEFT JOIN service_resources ON service_resources.service_id = services.id"
+    " WHERE users.id = :provider_id AND services.id = :service_id"
+    " AND services.deleted_at IS NULL ORDER BY needs_resource_id"
+)
+
+
+def provider_with_service(
+    conn: Connection, provider_id: str, service_id: str
+) -> tuple[User, ServiceRecord] | None:
+    """The user `provider_id` and the live service they offer, in one query; None if there is no
+    such pair (the caller asks again, one by one, to say which part is missing)."""
+    rows = sql.mappings(
+        conn, _PROVIDER_WITH_SERVICE, {"provider_id": provider_id, "service_id": service_id}
+    )
+    if not rows:
+        return None
+    first = rows[0]
+    user = User(*(first[f"user_{name}"] for name in _USER_FIELDS))
+    needs = tuple(row["needs_resource_id"] for row in rows if row["needs_resource_id"] is not None)
+    service_columns = {
+        key: value
+        for key, value in first.items()
+        if not key.startswith("user_") and key != "needs_resource_id"
+    }
+    return user, _record(SimpleNamespace(**service_columns), (provider_id,), needs)
 
 
 def list_services(
