@@ -19,12 +19,14 @@ import contextlib
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
 from bookdav.storage import sql
@@ -66,14 +68,13 @@ class Database:
             self._write_engine = self._sqlite_engine(begin="BEGIN IMMEDIATE")
             self._read_engine = self._sqlite_engine(begin="BEGIN")
         else:
-            engine = create_engine(
-                self.url, pool_size=20, max_overflow=20, pool_pre_ping=True, pool_timeout=60
-            )
+            engine = create_engine(self.url, pool_size=24, max_overflow=16, pool_timeout=60)
+            _ping_when_idle(engine)
             self._write_engine = self._read_engine = engine
         # SQLite takes one writer at a time anyway: a single writer thread and an in-process mutex
         # queue writers cheaply; PostgreSQL writers run in parallel under per-principal locks.
         self._sqlite_writer_mutex = threading.Lock()
-        threads = writer_threads or (1 if self.is_sqlite else 8)
+        threads = writer_threads or (1 if self.is_sqlite else 16)
         self._writer_pool = ThreadPoolExecutor(threads, thread_name_prefix="db-write")
         self._group_writer = GroupWriter(self) if self.is_sqlite else None
         self._reader_pool = ThreadPoolExecutor(8, thread_name_prefix="db-read")
@@ -170,6 +171,29 @@ class Database:
         self._write_engine.dispose()
         if self._read_engine is not self._write_engine:
             self._read_engine.dispose()
+
+
+# A pooled PostgreSQL connection idle longer than this is checked (SELECT 1) before use, so one
+# that a server restart or an idle timeout cut is replaced instead of failing a request. A busy
+# connection is not: SQLAlchemy's pool_pre_ping would add a round trip to every transaction.
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dbapi_connection.execute("SELECT 1")
+            dbapi_connection.rollback()
+        except Exception as exc:
+            # The pool discards this connection and checks out another (documented behaviour).
+            raise DisconnectionError(_first_line(exc)) from exc
 
 
 class GroupWriter:
