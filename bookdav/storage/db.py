@@ -77,7 +77,10 @@ class Database:
         threads = writer_threads or (1 if self.is_sqlite else 16)
         self._writer_pool = ThreadPoolExecutor(threads, thread_name_prefix="db-write")
         self._group_writer = GroupWriter(self) if self.is_sqlite else None
-        self._reader_pool = ThreadPoolExecutor(8, thread_name_prefix="db-read")
+        # Readers mostly wait on the database (a round trip a statement on PostgreSQL).
+        self._reader_pool = ThreadPoolExecutor(
+            8 if self.is_sqlite else 16, thread_name_prefix="db-read"
+        )
 
     def _sqlite_engine(self, *, begin: str) -> Engine:
         engine = create_engine(
