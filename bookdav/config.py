@@ -93,6 +93,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "32",
             "Threads serving CalDAV. Radicale sleeps in them after failed logins, so keep headroom.",
         ),
+        "allow_private_networks": Option(
+            _boolean,
+            "false",
+            "Let URLs that users supply (webhooks, external calendars) reach loopback, private and "
+            "link-local addresses (off: a provider cannot make the server probe its own network).",
+        ),
     },
     "storage": {
         "url": Option(
@@ -186,8 +192,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "allow_private_networks": Option(
             _boolean,
             "false",
-            "Let external calendar URLs reach loopback, private and link-local addresses (off: a "
-            "provider cannot make the server probe its own network).",
+            "Deprecated spelling of `[server] allow_private_networks` (true in either allows).",
         ),
     },
     "logging": {
@@ -211,6 +216,15 @@ class Settings:
     @property
     def storage_url(self) -> str:
         return str(self.values["storage"]["url"])
+
+    @property
+    def allow_private_networks(self) -> bool:
+        """May user-supplied URLs reach non-public addresses? `[sync] allow_private_networks` is
+        the option's older name, still honoured."""
+        return bool(
+            self.values["server"]["allow_private_networks"]
+            or self.values["sync"]["allow_private_networks"]
+        )
 
     @property
     def public_base_url(self) -> str:
