@@ -63,6 +63,8 @@ def appointment_json(appointment: Appointment, base_url: str) -> dict[str, Any]:
         ],
         "sequence": appointment.sequence,
         "cancellationReason": appointment.cancellation_reason,
+        # The client's iMIP answer (RFC 5545 PARTSTAT), set by inbound replies.
+        "clientResponse": appointment.client_partstat,
         "manageUrl": f"{base_url}/manage/{appointment.manage_token}",
     }
 
