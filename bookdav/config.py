@@ -39,6 +39,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 86_400:
+        raise ValueError("must be seconds between 0 and 86400, e.g. 0.5")
+    return value
+
+
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "yes", "true", "on"}:
@@ -129,6 +136,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             _positive_int,
             "10",
             "Delivery attempts of one outbox row (mail or webhook) before it is marked failed.",
+        ),
+        "poll_seconds": Option(
+            _positive_seconds,
+            "0.5",
+            "How often the outbox worker looks for due rows (reminders, retries, writes of other "
+            "processes); a write through this process's API or pages wakes it at once.",
         ),
         "from_address": Option(_text, "bookdav@localhost", "From: address of notifications."),
         "maildir": Option(

@@ -300,7 +300,7 @@ def test_a_time_that_was_never_free_shows_the_picker_again_with_the_form_refused
     assert 'class="slot"' in answer.text  # the next free times, as buttons
 
 
-def _visitor(
+def open_details(
     page: BookablePage, start: int, number: int
 ) -> tuple[requests.Session, dict[str, str]]:
     """A visitor with the details form for `start` open: their session and what they will post."""
@@ -316,14 +316,14 @@ def _visitor(
     return session, form
 
 
-def _post(
+def post_details(
     page: BookablePage, visitor: tuple[requests.Session, dict[str, str]]
 ) -> requests.Response:
     session, form = visitor
     return session.post(f"{page.url}/details", data=form, allow_redirects=False, timeout=60)
 
 
-def _instant(stamped: str) -> int:
+def utc_instant(stamped: str) -> int:
     return int(datetime.strptime(stamped, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp())
 
 
@@ -331,13 +331,13 @@ def test_many_visitors_posting_one_slot_get_one_booking_and_the_taken_page(
     server: RunningServer,
 ) -> None:
     page = bookable(server)
-    start = _instant(stamp(next_monday(2), 11))
-    visitors = [_visitor(page, start, number) for number in range(12)]
+    start = utc_instant(stamp(next_monday(2), 11))
+    visitors = [open_details(page, start, number) for number in range(12)]
     barrier = threading.Barrier(len(visitors))
 
     def post(visitor: tuple[requests.Session, dict[str, str]]) -> requests.Response:
         barrier.wait(10)
-        return _post(page, visitor)
+        return post_details(page, visitor)
 
     with ThreadPoolExecutor(len(visitors)) as pool:
         answers = list(pool.map(post, visitors))
@@ -355,18 +355,18 @@ def test_a_contended_booking_page_post_for_a_taken_slot_is_refused_without_the_l
     while another booking of the provider is under way, a post for a taken slot is refused from
     a reader thread, without waiting for the provider's lock (held here by the test)."""
     page = bookable(server)
-    taken, free = _instant(stamp(next_monday(2), 13)), _instant(stamp(next_monday(2), 14))
+    taken, free = utc_instant(stamp(next_monday(2), 13)), utc_instant(stamp(next_monday(2), 14))
     first = requests.post(
         f"{server.base_url}/api/v1/appointments",
         json=booking_body(page.provider, datetime.fromtimestamp(taken, UTC).isoformat()),
     )
     assert first.status_code == 201, first.text
-    waiting, late = _visitor(page, free, 1), _visitor(page, taken, 2)
+    waiting, late = open_details(page, free, 1), open_details(page, taken, 2)
     with ThreadPoolExecutor(1) as pool:
         with database_for(server.database_url).write([page.provider.username]):
-            under_way = pool.submit(_post, page, waiting)
+            under_way = pool.submit(post_details, page, waiting)
             time.sleep(1.5)  # the first post is in flight, queued behind the lock we hold
-            refused = _post(page, late)
+            refused = post_details(page, late)
             assert refused.status_code == 409  # answered while the lock is still held
             assert "that time was just taken" in refused.text
             assert not under_way.done()
