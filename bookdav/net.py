@@ -27,8 +27,19 @@ class PrivateAddress(Exception):
     """A URL's host is, or resolves to, a non-public address; the message names it."""
 
 
+# NAT64 (RFC 6052) carries an IPv4 address in its last 32 bits, as 6to4 does in bits 16-48.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _is_public(address: str) -> bool:
-    return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not embedded.is_global:
+            return False
+    return ip.is_global
 
 
 def refuse_private_literal(url: str) -> None:

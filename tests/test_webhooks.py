@@ -229,6 +229,8 @@ def test_an_admins_webhook_hears_every_providers_appointments(hook_server: Runni
         "http://[::1]/hook",
         "http://localhost/hook",
         "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://[64:ff9b::a00:1]/hook",  # 10.0.0.1 through NAT64
     ],
 )
 def test_a_webhook_to_a_private_network_is_refused_unless_allowed(
