@@ -39,6 +39,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 86_400:
+        raise ValueError("must be seconds between 0 and 86400, e.g. 0.5")
+    return value
+
+
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "yes", "true", "on"}:
@@ -93,6 +100,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "32",
             "Threads serving CalDAV. Radicale sleeps in them after failed logins, so keep headroom.",
         ),
+        "allow_private_networks": Option(
+            _boolean,
+            "false",
+            "Let URLs that users supply (webhooks, external calendars) reach loopback, private and "
+            "link-local addresses (off: a provider cannot make the server probe its own network).",
+        ),
     },
     "storage": {
         "url": Option(
@@ -123,6 +136,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             _positive_int,
             "10",
             "Delivery attempts of one outbox row (mail or webhook) before it is marked failed.",
+        ),
+        "poll_seconds": Option(
+            _positive_seconds,
+            "0.5",
+            "How often the outbox worker looks for due rows (reminders, retries, writes of other "
+            "processes); a write through this process's API or pages wakes it at once.",
         ),
         "from_address": Option(_text, "bookdav@localhost", "From: address of notifications."),
         "maildir": Option(
@@ -186,8 +205,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "allow_private_networks": Option(
             _boolean,
             "false",
-            "Let external calendar URLs reach loopback, private and link-local addresses (off: a "
-            "provider cannot make the server probe its own network).",
+            "Deprecated spelling of `[server] allow_private_networks` (true in either allows).",
         ),
     },
     "logging": {
@@ -211,6 +229,15 @@ class Settings:
     @property
     def storage_url(self) -> str:
         return str(self.values["storage"]["url"])
+
+    @property
+    def allow_private_networks(self) -> bool:
+        """May user-supplied URLs reach non-public addresses? `[sync] allow_private_networks` is
+        the option's older name, still honoured."""
+        return bool(
+            self.values["server"]["allow_private_networks"]
+            or self.values["sync"]["allow_private_networks"]
+        )
 
     @property
     def public_base_url(self) -> str:

@@ -38,13 +38,15 @@ def write_config(
     extra: str = "",
     guest_bookings_per_minute: int = 0,
     mail: str = "",
+    server: str = "",
 ) -> Path:
-    """`mail`, if given, is the body of the `[mail]` section (default: a Maildir under var/)."""
+    """`mail`, if given, is the body of the `[mail]` section (default: a Maildir under var/);
+    `server`, more lines of the `[server]` section."""
     folder.mkdir(parents=True, exist_ok=True)
     url = database_url or "sqlite:///var/bookdav.sqlite3"
     config = folder / "config.ini"
     config.write_text(
-        "[server]\nhost = 127.0.0.1\nport = 0\n"
+        f"[server]\nhost = 127.0.0.1\nport = 0\n{server}\n"
         f"[storage]\nurl = {url}\n"
         f"[mail]\n{mail or 'maildir = var/maildir'}\n"
         f"[booking]\nguest_bookings_per_minute = {guest_bookings_per_minute}\n"
@@ -113,6 +115,7 @@ def start_server(
     guest_bookings_per_minute: int = 0,
     mail: str = "",
     extra: str = "",
+    server: str = "",
 ) -> RunningServer:
     """Start `bookdav serve` on port 0 and wait until /healthz answers. Guest bookings are not
     rate-limited unless asked: the tests book from one address, fast."""
@@ -122,6 +125,7 @@ def start_server(
         guest_bookings_per_minute=guest_bookings_per_minute,
         mail=mail,
         extra=extra,
+        server=server,
     )
     log_path = folder / "server.log"
     log_file = log_path.open("w", encoding="utf-8")

@@ -81,3 +81,19 @@ def test_config_is_found_by_flag_then_environment_then_cwd(
 def test_configuration_docs_list_every_option() -> None:
     docs = (REPO_CONFIG.parent / "docs/configuration.md").read_text()
     assert describe_schema() in docs
+
+
+@pytest.mark.parametrize(
+    ("content", "allowed"),
+    [
+        ("", False),
+        ("[server]\nallow_private_networks = true\n", True),
+        ("[sync]\nallow_private_networks = true\n", True),  # the older spelling still works
+    ],
+)
+def test_private_networks_are_allowed_by_either_spelling(
+    tmp_path: Path, content: str, allowed: bool
+) -> None:
+    config = tmp_path / "config.ini"
+    config.write_text(content, encoding="utf-8")
+    assert load_settings(config, environ={}).allow_private_networks is allowed

@@ -132,7 +132,13 @@ def test_an_accepted_reply_over_lmtp_updates_the_event_in_the_providers_calendar
     provider = make_provider(reply_server)
     address = fresh_address().replace("client", "Client")  # case must not matter
     booked, vevent = invitation(reply_server, provider, smtp[1], address, 10)
+    assert booked["clientResponse"] == "NEEDS-ACTION"
     send_lmtp(lmtp_port, reply(vevent, "ACCEPTED", sender=address.lower()), address)
+    shown = requests.get(
+        f"{reply_server.base_url}/api/v1/appointments/{booked['appointmentId']}",
+        auth=provider.auth,
+    )
+    assert shown.status_code == 200 and shown.json()["clientResponse"] == "ACCEPTED"
     attendee = stored_attendee(reply_server, provider, booked["appointmentId"])["attendee"]
     assert attendee.params["PARTSTAT"] == "ACCEPTED"
     row = appointment_row(reply_server, booked["appointmentId"])

@@ -32,7 +32,9 @@ from bookdav.storage.schema import outbox as outbox_table
 from tests.conftest import RunningServer, start_server
 from tests.storage_fixtures import BACKENDS, fresh_database
 from tests.test_appointments import _api_instant, booking_body
-from tests.test_availability import Provider, make_provider, next_monday
+from tests.test_availability import Provider, make_provider, next_monday, stamp
+from tests.test_web_forms import open_details, post_details, utc_instant
+from tests.web_helpers import BookablePage
 
 FROM_ADDRESS = "bookings@clinic.example"
 CLIENT_ZONE = "America/New_York"
@@ -494,3 +496,41 @@ def test_kill_9_with_mail_queued_then_a_restart_delivers_every_message_with_its_
             controller.stop()
         if backend == "postgresql":
             drop_private_schema(database_url or "")
+
+
+POLL_NEVER_SECONDS = 600  # longer than the test: only a wake-up can send the mail
+
+
+@pytest.fixture(scope="module")
+def slow_poll_server(
+    tmp_path_factory: pytest.TempPathFactory, smtp: tuple[int, Collector]
+) -> Iterator[RunningServer]:
+    mail = smtp_settings(smtp[0]) + f"\npoll_seconds = {POLL_NEVER_SECONDS}"
+    running = start_server(tmp_path_factory.mktemp("slow-poll"), mail=mail)
+    yield running
+    running.stop()
+
+
+def test_a_write_through_the_api_or_the_booking_page_wakes_the_outbox_at_once(
+    slow_poll_server: RunningServer,
+    smtp: tuple[int, Collector],
+) -> None:
+    """The worker polls only every 600 s here (and has just made its start-up pass), so mail
+    arriving within seconds was sent because the write woke it."""
+    provider = make_provider(slow_poll_server)
+    by_api = fresh_address()
+    booked = requests.post(
+        f"{slow_poll_server.base_url}/api/v1/appointments",
+        json=booking_body(provider, _api_instant(next_monday(2), 10), client=client(by_api)),
+    )
+    assert booked.status_code == 201, booked.text
+    wait_for(lambda: messages_to(smtp[1], by_api), "the invitation", timeout=10)
+
+    service_url = f"{slow_poll_server.base_url}/api/v1/services/{provider.service_id}"
+    page = BookablePage(provider, requests.get(service_url).json()["slug"])
+    start = utc_instant(stamp(next_monday(2), 11))
+    session, form = open_details(page, start, 7)
+    assert post_details(page, (session, form)).status_code == 303
+    wait_for(
+        lambda: messages_to(smtp[1], form["email"]), "the page booking's invitation", timeout=10
+    )

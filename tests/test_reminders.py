@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from bookdav.notify import plan
 from bookdav.storage.appointments import get_appointment
@@ -251,3 +251,67 @@ def provider_with_reminders_set(
 
 def first_row_sent(rows: Callable[[], list[Any]]) -> bool:
     return bool(rows()[0].status == "sent")
+
+
+def test_changing_a_services_offsets_replans_the_reminders_not_yet_sent(
+    reminder_server: RunningServer,
+) -> None:
+    provider = provider_with_reminders(reminder_server, [1440, 60])
+    cancelled = book(reminder_server, provider, fresh_address())
+    url = f"{reminder_server.base_url}/api/v1/appointments/{cancelled['appointmentId']}"
+    assert requests.delete(url, auth=provider.auth).status_code == 200
+    booked = book(reminder_server, provider, fresh_address())  # the slot is free again
+
+    def pending_offsets(appointment_id: str) -> list[int]:
+        rows = reminder_rows(reminder_server, appointment_id)
+        return sorted(int(r.dedupe_key.split(":")[2]) for r in rows if r.status == "pending")
+
+    def set_offsets(minutes: list[int]) -> None:
+        answer = requests.put(
+            f"{reminder_server.base_url}/api/v1/services/{provider.service_id}",
+            auth=provider.auth,
+            json={"notifications": {"reminderMinutes": minutes}},
+        )
+        assert answer.status_code == 200, answer.text
+
+    assert pending_offsets(booked["appointmentId"]) == [60, 1440]
+    set_offsets([60, 30])
+    assert pending_offsets(booked["appointmentId"]) == [30, 60]
+    [dropped] = [
+        r for r in reminder_rows(reminder_server, booked["appointmentId"]) if r.status != "pending"
+    ]
+    assert dropped.status == "superseded" and "offsets changed" in dropped.last_error
+    # A cancellation gets no new reminder (its old rows are superseded when they come due).
+    assert 30 not in pending_offsets(cancelled["appointmentId"])
+    set_offsets([1440])  # an offset dropped before can be chosen again
+    assert pending_offsets(booked["appointmentId"]) == [1440]
+
+
+def test_a_reminder_whose_offset_the_service_dropped_is_not_sent(
+    reminder_server: RunningServer,
+    smtp: tuple[int, Collector],  # noqa: F811
+) -> None:
+    """A booking racing the offset change may plan an old offset: delivery checks it again."""
+    provider = provider_with_reminders(reminder_server, [60])
+    address = fresh_address()
+    booked = book(reminder_server, provider, address)
+    with database_for(reminder_server.database_url).write() as conn:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.appointment_id == booked["appointmentId"])
+            .where(outbox.c.kind == plan.REMINDER)
+            .values(
+                payload=func.replace(outbox.c.payload, '"offsetMinutes": 60', '"offsetMinutes": 45')
+            )
+        )
+    make_due(reminder_server, booked["appointmentId"])
+    [row] = wait_for(
+        lambda: [
+            r
+            for r in reminder_rows(reminder_server, booked["appointmentId"])
+            if r.status == "superseded"
+        ],
+        "the reminder superseded",
+    )
+    assert "offsets changed" in row.last_error
+    assert reminders_to(smtp[1], address) == []

@@ -59,6 +59,43 @@ def test_unknown_path_is_a_problem_document(server: RunningServer) -> None:
     assert response.json()["status"] == 404
 
 
+@pytest.mark.parametrize(
+    ("path", "way_on"),
+    [
+        ("/", "/app/"),
+        ("/app/no-such-page", "/app/"),
+        ("/book/someone/some-service/details/extra", "/book/someone"),
+        ("/manage/a-token/no-such-action", "/app/login"),
+    ],
+)
+def test_an_unknown_page_is_an_html_page_with_a_way_on(
+    server: RunningServer, path: str, way_on: str
+) -> None:
+    response = requests.get(f"{server.base_url}{path}")
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "<h1>Page not found</h1>" in response.text
+    assert f'href="{way_on}"' in response.text
+
+
+def test_a_page_asked_with_the_wrong_method_is_an_html_page(server: RunningServer) -> None:
+    response = requests.delete(f"{server.base_url}/book/someone")
+    assert response.status_code == 405
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "GET" in response.headers["Allow"]
+
+
+def test_unknown_api_and_dav_paths_keep_their_own_errors(server: RunningServer) -> None:
+    api = requests.get(f"{server.base_url}/api/v1/no-such-resource")
+    assert api.status_code == 404
+    assert api.headers["Content-Type"].startswith("application/problem+json")
+    dav = requests.request(
+        "PROPFIND", f"{server.base_url}/dav/no-such-user/", headers={"Depth": "0"}
+    )
+    assert "Page not found" not in dav.text
+    assert not dav.headers.get("Content-Type", "").startswith("text/html")
+
+
 def test_one_log_line_per_request_without_secrets(server: RunningServer) -> None:
     username = server.add_user("provider")
     password = server.passwords[username]

@@ -4,7 +4,10 @@ login failure, rate limits on public POSTs, the cancellation policy, and `serve 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -18,8 +21,9 @@ from bookdav.storage.appointments import appointment_by_token
 from bookdav.storage.db import database_for
 from bookdav.storage.schema import web_sessions
 from tests.conftest import RunningServer
+from tests.test_appointments import booking_body
 from tests.test_availability import make_provider, next_monday, stamp
-from tests.web_helpers import Launched, bookable, launch
+from tests.web_helpers import BookablePage, Launched, bookable, launch
 
 TOKEN = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 
@@ -294,3 +298,76 @@ def test_a_time_that_was_never_free_shows_the_picker_again_with_the_form_refused
     assert answer.status_code == 422
     assert "That time cannot be booked" in answer.text
     assert 'class="slot"' in answer.text  # the next free times, as buttons
+
+
+def open_details(
+    page: BookablePage, start: int, number: int
+) -> tuple[requests.Session, dict[str, str]]:
+    """A visitor with the details form for `start` open: their session and what they will post."""
+    session = requests.Session()
+    details = session.get(f"{page.url}/details", params={"start": start, "tz": "Europe/Berlin"})
+    form = {
+        "csrf_token": form_token(details.text),
+        "start": str(start),
+        "tz": "Europe/Berlin",
+        "name": f"Visitor {number}",
+        "email": f"visitor{number}@example.org",
+    }
+    return session, form
+
+
+def post_details(
+    page: BookablePage, visitor: tuple[requests.Session, dict[str, str]]
+) -> requests.Response:
+    session, form = visitor
+    return session.post(f"{page.url}/details", data=form, allow_redirects=False, timeout=60)
+
+
+def utc_instant(stamped: str) -> int:
+    return int(datetime.strptime(stamped, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp())
+
+
+def test_many_visitors_posting_one_slot_get_one_booking_and_the_taken_page(
+    server: RunningServer,
+) -> None:
+    page = bookable(server)
+    start = utc_instant(stamp(next_monday(2), 11))
+    visitors = [open_details(page, start, number) for number in range(12)]
+    barrier = threading.Barrier(len(visitors))
+
+    def post(visitor: tuple[requests.Session, dict[str, str]]) -> requests.Response:
+        barrier.wait(10)
+        return post_details(page, visitor)
+
+    with ThreadPoolExecutor(len(visitors)) as pool:
+        answers = list(pool.map(post, visitors))
+    assert sorted(a.status_code for a in answers) == [303] + [409] * (len(visitors) - 1)
+    for answer in answers:
+        if answer.status_code == 409:
+            assert answer.headers["Content-Type"].startswith("text/html")
+            assert "that time was just taken" in answer.text
+
+
+def test_a_contended_booking_page_post_for_a_taken_slot_is_refused_without_the_lock(
+    server: RunningServer,
+) -> None:
+    """The booking page takes the API's stampede shortcut (`server.bookings.write_booking`):
+    while another booking of the provider is under way, a post for a taken slot is refused from
+    a reader thread, without waiting for the provider's lock (held here by the test)."""
+    page = bookable(server)
+    taken, free = utc_instant(stamp(next_monday(2), 13)), utc_instant(stamp(next_monday(2), 14))
+    first = requests.post(
+        f"{server.base_url}/api/v1/appointments",
+        json=booking_body(page.provider, datetime.fromtimestamp(taken, UTC).isoformat()),
+    )
+    assert first.status_code == 201, first.text
+    waiting, late = open_details(page, free, 1), open_details(page, taken, 2)
+    with ThreadPoolExecutor(1) as pool:
+        with database_for(server.database_url).write([page.provider.username]):
+            under_way = pool.submit(post_details, page, waiting)
+            time.sleep(1.5)  # the first post is in flight, queued behind the lock we hold
+            refused = post_details(page, late)
+            assert refused.status_code == 409  # answered while the lock is still held
+            assert "that time was just taken" in refused.text
+            assert not under_way.done()
+        assert under_way.result().status_code == 303

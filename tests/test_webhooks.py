@@ -16,6 +16,8 @@ import pytest
 import requests
 from aiohttp import web
 
+from bookdav.storage.db import database_for
+from bookdav.storage.webhooks import insert_webhook
 from tests.conftest import RunningServer, start_server
 from tests.test_appointments import _api_instant, booking_body
 from tests.test_availability import Provider, make_provider, next_monday
@@ -75,7 +77,17 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def hook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(tmp_path_factory.mktemp("webhooks"))
+    # The receivers listen on loopback, which only an explicit setting lets webhooks reach.
+    running = start_server(
+        tmp_path_factory.mktemp("webhooks"), server="allow_private_networks = true"
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(tmp_path_factory.mktemp("webhooks-guarded"))
     yield running
     running.stop()
 
@@ -205,5 +217,62 @@ def test_an_admins_webhook_hears_every_providers_appointments(hook_server: Runni
         hook_id = created.json()["webhookId"]
         gone = requests.delete(f"{hook_server.base_url}/api/v1/webhooks/{hook_id}", auth=admin_auth)
         assert gone.status_code == 204
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "https://10.1.2.3/hook",
+        "http://[::1]/hook",
+        "http://localhost/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://[64:ff9b::a00:1]/hook",  # 10.0.0.1 through NAT64
+    ],
+)
+def test_a_webhook_to_a_private_network_is_refused_unless_allowed(
+    guarded_server: RunningServer, url: str
+) -> None:
+    provider = make_provider(guarded_server)
+    answer = subscribe(provider, url, ["appointment.created"])
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
+    problem = answer.json()
+    assert problem["invalid-params"][0]["name"] == "url"
+    assert "allow_private_networks" in problem["invalid-params"][0]["reason"]
+    assert (
+        requests.get(f"{guarded_server.base_url}/api/v1/webhooks", auth=provider.auth).json()[
+            "items"
+        ]
+        == []
+    )
+
+
+def test_a_stored_webhook_to_a_private_address_is_not_delivered(
+    guarded_server: RunningServer,
+) -> None:
+    """The delivery checks again: a hook stored before the guard (or whose name now resolves to a
+    private address) never reaches the receiver."""
+    receiver = Receiver()
+    try:
+        provider = make_provider(guarded_server)
+        with database_for(guarded_server.database_url).write() as conn:
+            insert_webhook(conn, provider.user_id, receiver.url, ["appointment.created"], SECRET)
+        booked = book(provider, 10)
+
+        def webhook_rows() -> list[dict[str, Any]]:
+            rows = requests.get(
+                f"{guarded_server.base_url}/api/v1/outbox",
+                auth=provider.auth,
+                params={"appointmentId": booked["appointmentId"]},
+            ).json()["items"]
+            return [row for row in rows if row["kind"] == "webhook"]
+
+        wait_for(lambda: [r["status"] for r in webhook_rows()] == ["failed"], "a failed row")
+        assert "non-public address" in webhook_rows()[0]["lastError"]
+        assert receiver.statuses == []
     finally:
         receiver.stop()

@@ -58,13 +58,19 @@ def provider_wants_email(conn: Connection, provider_id: str, default: bool) -> b
 
 def reminder_still_due(conn: Connection, job: Job, context: imip.Context) -> str | None:
     """Why a reminder must not go out (None: send it): the appointment was cancelled or changed
-    since it was planned, the occurrence is gone, or the occurrence has begun."""
+    since it was planned, its offset is no longer one of the service's, the occurrence is gone, or
+    the occurrence has begun."""
     appointment, payload = context.appointment, job.row.payload
     occurrence = int(payload["occurrenceStartUtc"])
     if appointment.status != "confirmed":
         return f"appointment is {appointment.status}"
     if int(payload.get("sequence", -1)) != appointment.sequence:
         return f"appointment changed (sequence {appointment.sequence}); re-planned"
+    if int(payload.get("offsetMinutes", 0)) not in plan.reminder_offsets(
+        conn, appointment.service_id
+    ):
+        # Normally superseded when the service changed; this covers a booking racing that change.
+        return "the service's reminder offsets changed"
     if not plan.occurrence_starts(conn, appointment, occurrence, occurrence + 1):
         return "the occurrence is no longer in the series"
     if job.now > occurrence + REMINDER_LATE_SECONDS:

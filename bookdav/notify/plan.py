@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
 from bookdav.storage import sql
 from bookdav.storage.appointments import (
@@ -29,6 +29,7 @@ from bookdav.storage.schema import (
     collections,
     items,
     occurrences,
+    outbox,
     users,
 )
 
@@ -213,6 +214,46 @@ def after_change(conn: Connection, event: str, appointment: Appointment) -> None
     if appointment.status == "confirmed":
         plan_reminders(conn, appointment)
     enqueue_webhooks(conn, event, appointment)
+
+
+def replan_service_reminders(conn: Connection, service_id: str, now: int | None = None) -> int:
+    """After a service's reminder offsets changed (in the same transaction): supersede the pending
+    reminders of its appointments whose offset is no longer wanted, and plan the new offsets'.
+    A superseded row gives up its `dedupe_key`, so an offset chosen again is planned again.
+    Returns how many rows were superseded."""
+    now = int(time.time()) if now is None else now
+    wanted = set(reminder_offsets(conn, service_id))
+    of_service = select(appointments.c.id).where(appointments.c.service_id == service_id)
+    pending = conn.execute(
+        select(outbox.c.id, outbox.c.payload).where(
+            outbox.c.kind == REMINDER,
+            outbox.c.status == "pending",
+            outbox.c.appointment_id.in_(of_service),
+        )
+    ).all()
+    unwanted = [
+        row.id for row in pending if json.loads(row.payload).get("offsetMinutes") not in wanted
+    ]
+    if unwanted:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(unwanted), outbox.c.status == "pending")
+            .values(
+                status="superseded",
+                last_error="the service's reminder offsets changed",
+                dedupe_key=None,
+            )
+        )
+    live = conn.execute(
+        select(appointments).where(
+            appointments.c.service_id == service_id,
+            appointments.c.status == "confirmed",
+            (appointments.c.start_utc >= now) | appointments.c.recurrence.is_not(None),
+        )
+    ).all()
+    for row in live:
+        plan_reminders(conn, appointment_from_row(row), now)
+    return len(unwanted)
 
 
 def series_to_plan(conn: Connection, now: int) -> list[str]:

@@ -10,7 +10,9 @@ on it: delivery is at least once). Headers:
 
 A 2xx answer is success; anything else (or no answer within the timeout) is retried with the
 outbox's backoff. Redirects are not followed. Only the status goes into `last_error`, never the
-receiver's body.
+receiver's body. Unless `[server] allow_private_networks` is on, a hook whose host is a non-public
+IP literal fails at once and a name resolving to one is refused at connection time (`bookdav.net`):
+the name was checked when the hook was created, but may resolve differently now.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 
 import aiohttp
 
+from bookdav import net
 from bookdav.logs import log_event
 from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.notify.outbox import Job
@@ -56,9 +59,15 @@ async def deliver(job: Job) -> None:
         "X-Bookdav-Signature": signature(hook.secret, body),
     }
     job.fields.update(webhook_id=hook.id, url=hook.url, delivery_id=headers["X-Bookdav-Delivery"])
+    allow_private = job.settings.allow_private_networks
+    if not allow_private:
+        try:
+            net.refuse_private_literal(hook.url)
+        except net.PrivateAddress as exc:
+            raise Undeliverable(str(exc)) from exc
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        net.client_session(allow_private_networks=allow_private, timeout=timeout) as session,
         session.post(hook.url, data=body, headers=headers, allow_redirects=False) as response,
     ):
         if not 200 <= response.status < 300:

@@ -23,7 +23,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_log, problem_details, outbox_task.wake_outbox],
+        middlewares=[
+            request_log,
+            problem_details,
+            pages.html_error_pages,
+            outbox_task.wake_outbox,
+        ],
         client_max_size=settings.get("server", "max_body_bytes"),
     )
     app[SETTINGS] = settings

@@ -24,8 +24,9 @@ async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the outbox worker for the app's lifetime (after the database is opened)."""
     plan.configure(app[SETTINGS].get("mail", "reminder_minutes"))
     wake = app[OUTBOX_WAKE] = asyncio.Event()
+    poll_seconds = app[SETTINGS].get("mail", "poll_seconds")
     task = asyncio.create_task(
-        outbox.run_worker(app[DATABASE], app[SETTINGS], wake), name="outbox-worker"
+        outbox.run_worker(app[DATABASE], app[SETTINGS], wake, poll_seconds), name="outbox-worker"
     )
     yield
     task.cancel()
@@ -33,16 +34,25 @@ async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-@web.middleware
-async def wake_outbox(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """After a successful API write (a booking, a move, a cancellation has committed by the time
-    the handler returns), start an outbox pass now instead of at the next poll."""
-    response = await handler(request)
+def _wake_after(request: web.Request, status: int) -> None:
     if (
         request.method not in ("GET", "HEAD", "OPTIONS")
-        and request.path.startswith("/api/")
-        and response.status < 300
+        and not request.path.startswith("/dav")
+        and status < 400
         and OUTBOX_WAKE in request.app
     ):
         request.app[OUTBOX_WAKE].set()
+
+
+@web.middleware
+async def wake_outbox(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """After a successful write through the API or the pages (a booking, a move, a cancellation
+    has committed by the time the handler returns; a page answers with a redirect), start an
+    outbox pass now instead of at the next poll."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _wake_after(request, exc.status)
+        raise
+    _wake_after(request, response.status)
     return response

@@ -157,7 +157,7 @@ async def deliver(job: Job) -> None:
     )
     job.fields.update(calendar_id=destination.id, destination=sources.safe_url(url))
     body = remote_text(text)
-    allow_private = job.settings.get("sync", "allow_private_networks")
+    allow_private = job.settings.allow_private_networks
     async with sources.new_session(allow_private_networks=allow_private) as session:
         client = sources.Client(
             session,

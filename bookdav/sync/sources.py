@@ -15,10 +15,7 @@ endpoint (Google's CalDAV API).
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import ipaddress
-import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -28,8 +25,9 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 import icalendar
-from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
+
+from bookdav import net
 
 DAV = "DAV:"
 CALDAV = "urn:ietf:params:xml:ns:caldav"
@@ -217,19 +215,13 @@ class Client:
 
     def check_address(self, url: str) -> None:
         """Refuse a URL whose host is a non-public IP literal (names are checked when resolved,
-        by `PublicAddressesOnly`), unless private networks are allowed."""
+        by `net.PublicAddressesOnly`), unless private networks are allowed."""
         if self.allow_private_networks:
             return
-        host = urlsplit(url).hostname or ""
         try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return
-        if not address.is_global:
-            raise RemoteError(
-                f"{host} is a non-public address; set [sync] allow_private_networks = true "
-                "to allow it"
-            )
+            net.refuse_private_literal(url)
+        except net.PrivateAddress as exc:
+            raise RemoteError(str(exc)) from exc
 
 
 async def _read_body(response: aiohttp.ClientResponse) -> bytes:
@@ -259,38 +251,9 @@ def safe_url(url: str) -> str:
     return _safe(url)
 
 
-class PublicAddressesOnly(AbstractResolver):
-    """A resolver that refuses hosts resolving to loopback, private, link-local or reserved
-    addresses: a provider's URL must not make the server reach into its own network (cloud
-    metadata, the database, admin ports)."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        for info in found:
-            address = ipaddress.ip_address(info["host"])
-            if not address.is_global:
-                raise OSError(
-                    errno.EACCES,
-                    f"{host} resolves to the non-public address {address}; "
-                    "set [sync] allow_private_networks = true to allow it",
-                )
-        return found
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 def new_session(*, allow_private_networks: bool) -> aiohttp.ClientSession:
     """A session for remote calendars; unless allowed, only public addresses are reached."""
-    connector = (
-        None if allow_private_networks else aiohttp.TCPConnector(resolver=PublicAddressesOnly())
-    )
-    return aiohttp.ClientSession(timeout=TIMEOUT, connector=connector)
+    return net.client_session(allow_private_networks=allow_private_networks, timeout=TIMEOUT)
 
 
 # --- CalDAV --------------------------------------------------------------------------------------

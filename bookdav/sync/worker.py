@@ -101,9 +101,7 @@ async def sync_source(
         source.id, source.provider_username, source.type, sources.safe_url(source.url), ok=False
     )
     owned_session = session is None
-    session = session or sources.new_session(
-        allow_private_networks=settings.get("sync", "allow_private_networks")
-    )
+    session = session or sources.new_session(allow_private_networks=settings.allow_private_networks)
     client: sources.Client | None = None
     try:
         credentials = crypto.decrypt_credentials(
@@ -112,7 +110,7 @@ async def sync_source(
         client = sources.Client(
             session,
             sources.Credentials.from_dict(credentials),
-            allow_private_networks=settings.get("sync", "allow_private_networks"),
+            allow_private_networks=settings.allow_private_networks,
         )
         known = await database.run_read(
             lambda conn: {h: k.etag for h, k in store.known_items(conn, source.id).items()}
@@ -237,7 +235,7 @@ async def run_cycle(
     found = await database.run_read(lambda conn: store.busy_sources(conn, username=username))
     reports = []
     async with sources.new_session(
-        allow_private_networks=settings.get("sync", "allow_private_networks")
+        allow_private_networks=settings.allow_private_networks
     ) as session:
         for source in found:
             report = await run_now(database, settings, source.id, session=session)
@@ -254,7 +252,7 @@ async def run_due(database: Database, settings: Settings, now: int | None = None
     if not due:
         return 0
     async with sources.new_session(
-        allow_private_networks=settings.get("sync", "allow_private_networks")
+        allow_private_networks=settings.allow_private_networks
     ) as session:
         for source in due:
             if await claim_and_sync(database, settings, source, session=session) is not None:

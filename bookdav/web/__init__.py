@@ -9,7 +9,9 @@ from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 from bookdav.web import dashboard, public
 from bookdav.web.csrf import load_secret
-from bookdav.web.render import STATIC, WEB, WebState, environment
+from bookdav.web.render import STATIC, WEB, WebState, environment, html_error_pages
+
+__all__ = ["add_routes", "html_error_pages"]
 
 
 def add_routes(app: web.Application) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from bookdav.booking import appointments as booking
 from bookdav.booking.errors import NotFound, PolicyViolation
 from bookdav.booking.services import rules_from_json
 from bookdav.logs import log_event
+from bookdav.server.bookings import write_booking
 from bookdav.server.keys import DATABASE, SETTINGS
 from bookdav.storage import calendars
 from bookdav.storage.appointments import Appointment, appointment_by_token
@@ -288,16 +290,15 @@ async def book(request: web.Request) -> web.StreamResponse:
         booking.Client(values["name"], values["email"], zone),
         values["notes"],
     )
-    principals = booking.principals_for(service, provider)
+    base_url = _base_url(request)
+
+    def unit_of_work(conn: Connection, principals: Sequence[str]) -> booking.Booked:
+        return booking.book(conn, wanted, base_url, principals)
+
     try:
-        try:
-            booked = await database.run_write(
-                booking.book, wanted, _base_url(request), principals, principals=principals
-            )
-        except booking.LocksMissing as exc:
-            booked = await database.run_write(
-                booking.book, wanted, _base_url(request), exc.needed, principals=exc.needed
-            )
+        booked = await write_booking(
+            request, wanted, unit_of_work, booking.principals_for(service, provider)
+        )
     except (booking.SlotTaken, booking.NotBookable) as exc:
         log_event(log, "web booking lost its slot", provider=provider.username, reason=str(exc))
         notice = TAKEN_NOTICE if isinstance(exc, booking.SlotTaken) else NOT_BOOKABLE_NOTICE

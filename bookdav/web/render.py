@@ -33,6 +33,7 @@ class WebState:
 
 
 WEB = web.AppKey("web", WebState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def environment() -> jinja2.Environment:
@@ -116,14 +117,66 @@ def render(
     return response
 
 
-def error_page(request: web.Request, status: int, title: str, detail: str) -> web.Response:
+@dataclass(frozen=True)
+class Link:
+    href: str
+    text: str
+
+
+def error_page(
+    request: web.Request, status: int, title: str, detail: str, link: Link | None = None
+) -> web.Response:
     response = render(
-        request, "error.html", {"status": status, "title": title, "detail": detail}, status=status
+        request,
+        "error.html",
+        {"status": status, "title": title, "detail": detail, "link": link},
+        status=status,
     )
     return response
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Paths people open in a browser: what no route answers there gets an HTML page, not JSON.
+PAGE_PREFIXES = ("/book/", "/manage/", "/app/")
+
+
+def is_page_path(path: str) -> bool:
+    return path in ("/", "/book", "/manage", "/app") or path.startswith(PAGE_PREFIXES)
+
+
+def way_on(path: str) -> Link:
+    """Where someone who reached a page that does not exist can go instead."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "book" and len(parts) > 2 and parts[1]:
+        return Link(f"/book/{parts[1]}", "See this provider's services")
+    if parts[0] == "manage":
+        return Link("/app/login", "Providers: sign in to the dashboard")
+    return Link("/app/", "Go to the dashboard")
+
+
+@web.middleware
+async def html_error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An HTTP error on a page path (no route, a method it does not take) is an HTML page with a
+    way on; the API keeps problem+json and /dav/ is not touched."""
+    if not is_page_path(request.path):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            title = "Page not found"
+            detail = (
+                "There is no page at this address. If you followed a link, it may be "
+                "incomplete: copy the whole link from your email and try again."
+            )
+        else:
+            title, detail = exc.reason, "This page cannot be used this way."
+        response = error_page(request, exc.status, title, detail, way_on(request.path))
+        response.headers.update(
+            {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        )
+        return response
 
 
 def html_errors(handler: Handler) -> Handler:

@@ -14,6 +14,7 @@ from bookdav.server.api import (
     users,
     webhooks,
 )
+from bookdav.server.bookings import IN_FLIGHT, InFlight
 from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 
@@ -32,7 +33,7 @@ ROUTE_TABLES = (
 def add_routes(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[appointments.PRINCIPALS] = appointments.PrincipalCache()
-    app[appointments.IN_FLIGHT] = appointments.InFlight()
+    app[IN_FLIGHT] = InFlight()
     app[appointments.GUEST_LIMITER] = RateLimiter(
         settings.get("booking", "guest_bookings_per_minute")
     )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from bookdav.booking.errors import Conflict, Forbidden, InvalidInput, PolicyViol
 from bookdav.booking.times import InstantFormatter
 from bookdav.server.api import validation as v
 from bookdav.server.auth import current_user, require_user
+from bookdav.server.bookings import write_booking
 from bookdav.server.keys import DATABASE, SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 from bookdav.storage import appointments as store
@@ -63,6 +63,8 @@ def appointment_json(appointment: Appointment, base_url: str) -> dict[str, Any]:
         ],
         "sequence": appointment.sequence,
         "cancellationReason": appointment.cancellation_reason,
+        # The client's iMIP answer (RFC 5545 PARTSTAT), set by inbound replies.
+        "clientResponse": appointment.client_partstat,
         "manageUrl": f"{base_url}/manage/{appointment.manage_token}",
     }
 
@@ -141,33 +143,6 @@ class PrincipalCache:
 PRINCIPALS = web.AppKey("booking_principals", PrincipalCache)
 
 
-class InFlight:
-    """Bookings of each provider under way in this process. A booking that arrives while another
-    for the same provider is under way first looks, on a reader thread, whether its slot is
-    already taken: when hundreds of clients want one slot, the losers hear 409 from readers in
-    parallel instead of queueing one by one for the provider's write lock. An uncontended booking
-    skips the look (it would only cost time)."""
-
-    def __init__(self) -> None:
-        self._count: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def booking(self, provider_id: str) -> Iterator[bool]:
-        """Count this booking in; yields whether another was already under way."""
-        already = self._count.get(provider_id, 0)
-        self._count[provider_id] = already + 1
-        try:
-            yield already > 0
-        finally:
-            if self._count[provider_id] == 1:
-                del self._count[provider_id]
-            else:
-                self._count[provider_id] -= 1
-
-
-IN_FLIGHT = web.AppKey("bookings_in_flight", InFlight)
-
-
 def _manage_base(request: web.Request) -> str:
     return request.app[SETTINGS].public_base_url
 
@@ -183,7 +158,6 @@ async def create_appointment(request: web.Request) -> web.Response:
     start_utc = _start(body)
     notes = v.text(body, "notes", required=False, max_length=2000)
     client = await _client(request, actor, body)
-    database = request.app[DATABASE]
     booking_request = booking.BookingRequest(
         service_id, provider_id, start_utc, client, notes, _recurrence(body)
     )
@@ -196,7 +170,7 @@ async def create_appointment(request: web.Request) -> web.Response:
     cache = request.app[PRINCIPALS]
     principals = await cache.principals(request, provider_id, service_id)
 
-    def unit_of_work(conn: Connection) -> tuple[int, str]:
+    def unit_of_work(conn: Connection, principals: Sequence[str]) -> tuple[int, str]:
         if key is not None:
             stored = store.stored_response(conn, scope)
             if stored is not None:
@@ -213,15 +187,14 @@ async def create_appointment(request: web.Request) -> web.Response:
                 raise Conflict("this Idempotency-Key is being used by another request") from exc
         return 201, answer
 
-    with request.app[IN_FLIGHT].booking(provider_id) as contended:
-        if contended and key is None:  # a keyed retry may be owed its stored 201: no shortcut
-            await database.run_read(booking.refuse_early, booking_request)
-        try:
-            status, answer = await database.run_write(unit_of_work, principals=principals)
-        except booking.LocksMissing as exc:
-            cache.learn((provider_id, service_id), exc.needed)
-            principals = exc.needed
-            status, answer = await database.run_write(unit_of_work, principals=principals)
+    status, answer = await write_booking(
+        request,
+        booking_request,
+        unit_of_work,
+        principals,
+        shortcut=key is None,  # a keyed retry may be owed its stored 201: no shortcut
+        learned=lambda needed: cache.learn((provider_id, service_id), needed),
+    )
     appointment_id = json.loads(answer)["appointmentId"]
     return web.Response(
         status=status,

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from bookdav.booking.errors import Forbidden, InvalidInput, NotFound
 from bookdav.booking.services import RULE_FIELDS, rules_from_json, rules_json, slug_for
-from bookdav.notify import templates
+from bookdav.notify import plan, templates
 from bookdav.server.api import validation as v
 from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE
@@ -225,9 +225,14 @@ async def put_service(request: web.Request) -> web.Response:
         changes["notifications"] = _notifications(body)
     resource_ids = await _resource_ids(request, body) if "resources" in body else None
     provider_ids = await _provider_ids(request, actor, body) if "providerIds" in body else None
-    updated = await request.app[DATABASE].run_write(
-        store.update_service, service.id, provider_ids, resource_ids, **changes
-    )
+
+    def unit_of_work(conn: Any) -> store.ServiceRecord | None:
+        found = store.update_service(conn, service.id, provider_ids, resource_ids, **changes)
+        if "notifications" in changes:  # reminders not yet sent follow the new offsets
+            plan.replan_service_reminders(conn, service.id)
+        return found
+
+    updated = await request.app[DATABASE].run_write(unit_of_work)
     assert updated is not None
     return web.json_response(service_json(updated))
 

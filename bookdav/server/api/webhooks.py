@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from bookdav import net
 from bookdav.booking.errors import Forbidden, InvalidInput, NotFound
 from bookdav.logs import log_event
 from bookdav.notify.plan import WEBHOOK_EVENTS
 from bookdav.server.api import validation as v
 from bookdav.server.auth import require_user
-from bookdav.server.keys import DATABASE
+from bookdav.server.keys import DATABASE, SETTINGS
 from bookdav.storage import webhooks as store
 
 routes = web.RouteTableDef()
@@ -66,6 +67,12 @@ async def create_webhook(request: web.Request) -> web.Response:
     actor = await require_user(request, "provider", "admin")
     body = await v.json_object(request)
     url = _url(body)
+    try:
+        await net.check_url(
+            url, allow_private_networks=request.app[SETTINGS].allow_private_networks
+        )
+    except net.PrivateAddress as exc:
+        raise InvalidInput("url", str(exc)) from exc
     events = _events(body)
     secret = v.text(body, "secret", min_length=MIN_SECRET_LENGTH, max_length=200)
 
