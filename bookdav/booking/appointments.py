@@ -182,7 +182,7 @@ def book(
     owned = _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
     _write_event(conn, provider, service, appointment, text, times, owned)
     store.insert_appointment(conn, appointment)
-    _announce(conn, "appointment.created", appointment)
+    _announce(conn, "appointment.created", appointment, service)
     return Booked(appointment, service, provider)
 
 
@@ -222,7 +222,7 @@ def reschedule(
         exceptions="{}",
         client_partstat=moved.client_partstat,
     )
-    _announce(conn, "appointment.rescheduled", updated)
+    _announce(conn, "appointment.rescheduled", updated, service)
     return Booked(updated, service, provider)
 
 
@@ -266,7 +266,7 @@ def cancel(
         sequence=cancelled.sequence,
         cancellation_reason=reason,
     )
-    _announce(conn, "appointment.cancelled", updated)
+    _announce(conn, "appointment.cancelled", updated, service)
     return Booked(updated, service, provider)
 
 
@@ -327,7 +327,7 @@ def change_occurrence(
     updated = store.update_appointment(
         conn, current.id, sequence=changed.sequence, exceptions=changed.exceptions
     )
-    _announce(conn, "appointment.rescheduled", updated)
+    _announce(conn, "appointment.rescheduled", updated, service)
     return Booked(updated, service, provider)
 
 
@@ -579,12 +579,23 @@ def _write_event(
         )
 
 
-def _announce(conn: Connection, event: str, appointment: Appointment) -> None:
-    """Outbox rows in the same transaction: the client's invitation and the provider's notice."""
+def _announce(
+    conn: Connection, event: str, appointment: Appointment, service: ServiceRecord | None = None
+) -> None:
+    """Every outbox row the change owes, in one statement of the same transaction: the client's
+    invitation and the provider's notice, each destination calendar's write, the reminders and the
+    webhook deliveries. `service`: the appointment's, if the caller has it."""
+    now = int(time.time())
     payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
-    store.enqueue(conn, appointment.id, [("client.imip", payload), ("provider.notice", payload)])
-    push.enqueue_destination_writes(conn, event, appointment)
-    notify_plan.after_change(conn, event, appointment)
+    rows = [
+        store.outbox_row("client.imip", appointment.id, payload, now=now),
+        store.outbox_row("provider.notice", appointment.id, payload, now=now),
+        *push.destination_rows(conn, event, appointment, now),
+        *notify_plan.rows_after_change(
+            conn, event, appointment, now, service.notifications if service else None
+        ),
+    ]
+    store.insert_outbox_rows(conn, rows)
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

@@ -1,6 +1,6 @@
 """What a change to an appointment plans beyond the two iMIP rows: reminders and webhook calls.
 
-`after_change` runs inside the booking transaction (called from `booking.appointments._announce`),
+`rows_after_change` runs inside the booking transaction (called from `booking.appointments._announce`),
 so a reminder or a webhook delivery exists exactly when the change it follows committed. Reminder
 rows carry a `dedupe_key` (appointment, occurrence start, offset, sequence): inserting one twice,
 from the transaction or from the periodic planner of the outbox worker, leaves one row, so each
@@ -78,9 +78,14 @@ def service_overrides(conn: Connection, service_id: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def reminder_offsets(conn: Connection, service_id: str) -> tuple[int, ...]:
-    """The service's `reminderMinutes` if it set them, else the process default."""
-    chosen = service_overrides(conn, service_id).get("reminderMinutes")
+def reminder_offsets(
+    conn: Connection, service_id: str, overrides: dict[str, Any] | None = None
+) -> tuple[int, ...]:
+    """The service's `reminderMinutes` if it set them, else the process default. `overrides`:
+    the service's settings if the caller has them (saves reading them again)."""
+    if overrides is None:
+        overrides = service_overrides(conn, service_id)
+    chosen = overrides.get("reminderMinutes")
     if isinstance(chosen, list) and all(isinstance(m, int) for m in chosen):
         return tuple(sorted(set(chosen), reverse=True))
     return _default_reminder_minutes
@@ -123,9 +128,19 @@ def plan_reminders(conn: Connection, appointment: Appointment, now: int | None =
     A reminder whose time has already passed is not planned (a booking 30 minutes ahead gets no
     "in an hour" reminder)."""
     now = int(time.time()) if now is None else now
-    offsets = reminder_offsets(conn, appointment.service_id)
+    return insert_once(conn, reminder_rows(conn, appointment, now))
+
+
+def reminder_rows(
+    conn: Connection,
+    appointment: Appointment,
+    now: int,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The outbox rows of `plan_reminders` (each with its `dedupe_key`), not yet inserted."""
+    offsets = reminder_offsets(conn, appointment.service_id, overrides)
     if not offsets:
-        return 0
+        return []
     # A single appointment gets all its reminders now; a series those of the coming window (the
     # outbox worker's planner adds the later ones as the window moves).
     horizon = now + max(offsets) * 60 + PLAN_AHEAD_SECONDS
@@ -150,7 +165,7 @@ def plan_reminders(conn: Connection, appointment: Appointment, now: int | None =
                     REMINDER, appointment.id, payload, now=now, due=max(due, now), dedupe_key=key
                 )
             )
-    return insert_once(conn, rows)
+    return rows
 
 
 def insert_once(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
@@ -173,6 +188,13 @@ def enqueue_webhooks(
     """One outbox row per live webhook subscribed to `event`: the provider's own hooks and every
     admin's. The body is fixed now, so a retry signs and sends the same bytes."""
     now = int(time.time()) if now is None else now
+    return insert_outbox_rows(conn, webhook_rows(conn, event, appointment, now))
+
+
+def webhook_rows(
+    conn: Connection, event: str, appointment: Appointment, now: int
+) -> list[dict[str, Any]]:
+    """The outbox rows of `enqueue_webhooks`, not yet inserted."""
     hooks = sql.rows(conn, _LIVE_HOOKS, {"provider_id": appointment.provider_id})
     body = {
         "event": event,
@@ -186,7 +208,7 @@ def enqueue_webhooks(
         delivery_id = str(uuid.uuid4())
         payload = {"event": event, "hookId": hook_id, "deliveryId": delivery_id, "body": body}
         rows.append(outbox_row(WEBHOOK, appointment.id, payload, now=now))
-    return insert_outbox_rows(conn, rows)
+    return rows
 
 
 def webhook_appointment(appointment: Appointment) -> dict[str, Any]:
@@ -208,12 +230,22 @@ def webhook_appointment(appointment: Appointment) -> dict[str, Any]:
     }
 
 
-def after_change(conn: Connection, event: str, appointment: Appointment) -> None:
-    """Called in the booking transaction after the iMIP rows: reminders for the new state (the
-    old state's reminders are superseded by the sequence), and the webhook deliveries."""
-    if appointment.status == "confirmed":
-        plan_reminders(conn, appointment)
-    enqueue_webhooks(conn, event, appointment)
+def rows_after_change(
+    conn: Connection,
+    event: str,
+    appointment: Appointment,
+    now: int,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """For the booking transaction (`booking.appointments._announce` inserts them with the iMIP
+    rows, in one statement): reminders for the new state (the old state's are superseded by the
+    sequence), and the webhook deliveries. `overrides`: the service's settings, if at hand."""
+    rows = (
+        reminder_rows(conn, appointment, now, overrides)
+        if appointment.status == "confirmed"
+        else []
+    )
+    return rows + webhook_rows(conn, event, appointment, now)
 
 
 def replan_service_reminders(conn: Connection, service_id: str, now: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """Destination calendars: every booking, reschedule and cancellation written to a remote CalDAV
 calendar through the outbox (kind `sync.push`), so a remote outage delays a write, never loses it.
 
-The booking transaction enqueues one row per destination (`enqueue_destination_writes`). The
+The booking transaction enqueues one row per destination (`destination_rows`). The
 handler PUTs the appointment's event as it is *now* (so retries and reordering converge on the
 latest state) at `<collection>/<uid>.ics`: `If-None-Match: *` the first time, `If-Match` with the
 ETag the last write got afterwards; on a 412 it reads the remote ETag and overwrites once (bookdav
@@ -49,28 +49,26 @@ _DESTINATIONS = (
 )
 
 
-def enqueue_destination_writes(conn: Connection, event: str, appointment: Appointment) -> None:
-    """One outbox row per destination calendar of the appointment's provider, in the booking's
-    transaction (nothing if the provider has none)."""
+def destination_rows(
+    conn: Connection, event: str, appointment: Appointment, now: int
+) -> list[dict[str, Any]]:
+    """One outbox row per destination calendar of the appointment's provider, for the booking's
+    transaction to insert (none if the provider has none)."""
     destinations = sql.rows(conn, _DESTINATIONS, {"provider_id": appointment.provider_id})
-    if not destinations:
-        return
-    appointment_store.enqueue(
-        conn,
-        appointment.id,
-        [
-            (
-                KIND,
-                {
-                    "event": event,
-                    "appointmentId": appointment.id,
-                    "sequence": appointment.sequence,
-                    "calendarId": calendar_id,
-                },
-            )
-            for (calendar_id,) in destinations
-        ],
-    )
+    return [
+        appointment_store.outbox_row(
+            KIND,
+            appointment.id,
+            {
+                "event": event,
+                "appointmentId": appointment.id,
+                "sequence": appointment.sequence,
+                "calendarId": calendar_id,
+            },
+            now=now,
+        )
+        for (calendar_id,) in destinations
+    ]
 
 
 def enqueue_backfill(conn: Connection, destination: store.ExternalCalendar, now: int) -> int:
