@@ -15,7 +15,7 @@ from bookdav.server.auth import require_user
 from bookdav.server.keys import DATABASE
 from bookdav.storage import services as store
 from bookdav.storage.resources import list_resources
-from bookdav.storage.users import User
+from bookdav.storage.users import User, user_by_id
 
 routes = web.RouteTableDef()
 
@@ -232,9 +232,19 @@ async def put_service(request: web.Request) -> web.Response:
             plan.replan_service_reminders(conn, service.id)
         return found
 
-    updated = await request.app[DATABASE].run_write(unit_of_work)
+    # Re-planning reminders must not race a booking that read the old offsets: hold the locks a
+    # booking of each of the service's providers takes (PostgreSQL; SQLite has one writer).
+    principals: list[str] = []
+    if "notifications" in changes:
+        everyone = [*service.provider_ids, *(provider_ids or [])]
+        principals = await request.app[DATABASE].run_read(_usernames, everyone)
+    updated = await request.app[DATABASE].run_write(unit_of_work, principals=principals)
     assert updated is not None
     return web.json_response(service_json(updated))
+
+
+def _usernames(conn: Any, user_ids: list[str]) -> list[str]:
+    return [user.username for user_id in set(user_ids) if (user := user_by_id(conn, user_id))]
 
 
 @routes.delete("/api/v1/services/{serviceId}")
