@@ -38,9 +38,9 @@ from sqlalchemy import Connection, select
 
 from bookdav.server.auth import basic_credentials
 from bookdav.server.keys import CREDENTIALS, DATABASE
-from bookdav.storage import calendars
+from bookdav.storage import calendars, sql
 from bookdav.storage.resources import RESOURCES_PRINCIPAL
-from bookdav.storage.schema import items, occurrences
+from bookdav.storage.schema import items
 
 ENCODING = "utf-8"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -374,6 +374,13 @@ class _Instance:
     busy: bool
 
 
+_INSTANCES = (
+    "SELECT item_id, start_utc, end_utc, busy FROM occurrences WHERE collection_id = :collection_id"
+    " AND long_span = :long_span AND start_utc >= :lowest_start AND start_utc < :end_utc"
+    " AND end_utc > :start_utc"
+)
+
+
 def instances_in_range(
     conn: Connection, collection: calendars.Collection, start_utc: int, end_utc: int
 ) -> dict[int, list[_Instance]]:
@@ -387,19 +394,16 @@ def instances_in_range(
         bounds.append((True, collection.longest_occurrence_seconds))
     found: dict[int, list[_Instance]] = {}
     for long_span, longest in bounds:
-        rows = conn.execute(
-            select(
-                occurrences.c.item_id,
-                occurrences.c.start_utc,
-                occurrences.c.end_utc,
-                occurrences.c.busy,
-            ).where(
-                occurrences.c.collection_id == collection.id,
-                occurrences.c.long_span == long_span,
-                occurrences.c.start_utc >= start_utc - longest,
-                occurrences.c.start_utc < end_utc,
-                occurrences.c.end_utc > start_utc,
-            )
+        rows = sql.rows(
+            conn,
+            _INSTANCES,
+            {
+                "collection_id": collection.id,
+                "long_span": long_span,
+                "lowest_start": start_utc - longest,
+                "start_utc": start_utc,
+                "end_utc": end_utc,
+            },
         )
         for item_id, start, end, busy in rows:
             found.setdefault(item_id, []).append(_Instance(start, end, bool(busy)))
@@ -451,20 +455,28 @@ def free_busy_text(
     read as UTC: Radicale's reading).
     """
     start_utc, end_utc = _seconds(query.start), _seconds(query.end)
-    candidates = calendars.items_in_range(conn, collection, start_utc, end_utc, "VEVENT")
+    versions = calendars.event_versions_in_range(conn, collection, start_utc, end_utc)
     indexed = instances_in_range(conn, collection, start_utc, end_utc)
     filter_element = _free_busy_filter(query)
     periods: list[tuple[int, int, str]] = []
-    for stored, exact in candidates:
-        instances = indexed.get(stored.id, [])
+    # Most items are known plain by their ETag: their busy time is the index's, no text needed.
+    to_read: list[tuple[str, bool]] = []
+    for item_id, href, etag, indexed_until, exact in versions:
+        instances = indexed.get(item_id, [])
         if max_occurrence and len(instances) >= max_occurrence:
             raise FallThrough("free-busy occurrence limit")
+        fully_indexed = indexed_until is None or indexed_until >= end_utc
+        if fully_indexed and _PLAIN_FREE_BUSY.get(etag):
+            periods.extend(_busy_periods(instances, start_utc, end_utc))
+        else:
+            to_read.append((href, exact))
+    stored_items = calendars.get_items(conn, collection.id, [href for href, _ in to_read])
+    for href, exact in to_read:
+        stored = stored_items.get(href)
+        if stored is None:
+            continue
         if _fully_indexed(stored, end_utc) and _plain_free_busy(stored):
-            periods.extend(
-                (max(i.start_utc, start_utc), min(i.end_utc, end_utc), "BUSY")
-                for i in instances
-                if i.busy
-            )
+            periods.extend(_busy_periods(indexed.get(stored.id, []), start_utc, end_utc))
             continue
         item = _radicale_item(collection, stored)
         try:
@@ -475,6 +487,14 @@ def free_busy_text(
             raise FallThrough(str(exc)) from exc
         periods.extend((_seconds(s), _seconds(e), fbtype) for s, e, fbtype in found)
     return render_free_busy(periods, query)
+
+
+def _busy_periods(
+    instances: list[_Instance], start_utc: int, end_utc: int
+) -> list[tuple[int, int, str]]:
+    return [
+        (max(i.start_utc, start_utc), min(i.end_utc, end_utc), "BUSY") for i in instances if i.busy
+    ]
 
 
 def _plain_free_busy(stored: calendars.StoredItem) -> bool:

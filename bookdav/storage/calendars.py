@@ -714,6 +714,55 @@ def _events_in_range(
     return found
 
 
+_OCCURRING_ITEM_IDS = (
+    "SELECT item_id FROM occurrences WHERE collection_id = :collection_id"
+    " AND long_span = :long_span AND start_utc >= :lowest_start AND start_utc < :end_utc"
+    " AND end_utc > :start_utc"
+)
+_VERSION_COLUMNS = "SELECT id, href, etag, indexed_until FROM items"
+
+
+def event_versions_in_range(
+    conn: Connection, collection: Collection, start_utc: int, end_utc: int
+) -> list[tuple[int, str, str, int | None, bool]]:
+    """`(id, href, etag, indexed_until, certain)` of the VEVENT items `items_in_range` returns,
+    without their text: a free-busy answer needs the text of few of them, and reading 500 texts
+    it does not need was a third of its time."""
+    parameters: dict[str, Any] = {
+        "collection_id": collection.id,
+        "start_utc": start_utc,
+        "end_utc": end_utc,
+        "long_span": False,
+        "lowest_start": start_utc - SHORT_OCCURRENCE_SECONDS,
+    }
+    matching = _OCCURRING_ITEM_IDS
+    if collection.longest_occurrence_seconds:
+        parameters["longest_start"] = start_utc - collection.longest_occurrence_seconds
+        matching += " UNION " + _OCCURRING_ITEM_IDS.replace(":long_span", ":long_spans").replace(
+            ":lowest_start", ":longest_start"
+        )
+        parameters["long_spans"] = True
+    found = [
+        (item_id, href, etag, indexed_until, True)
+        for item_id, href, etag, indexed_until in sql.rows(
+            conn, f"{_VERSION_COLUMNS} WHERE id IN ({matching})", parameters
+        )
+    ]
+    seen = {item_id for item_id, *_ in found}
+    unindexed = sql.rows(
+        conn,
+        f"{_VERSION_COLUMNS} WHERE collection_id = :collection_id AND indexed_until < :end_utc"
+        " AND component = 'VEVENT'",
+        {"collection_id": collection.id, "end_utc": end_utc},
+    )
+    found.extend(
+        (item_id, href, etag, indexed_until, False)
+        for item_id, href, etag, indexed_until in unindexed
+        if item_id not in seen
+    )
+    return found
+
+
 def busy_intervals(
     conn: Connection,
     owned: Iterable[Collection],
@@ -853,6 +902,7 @@ __all__ = [
     "create_collection",
     "delete_collection",
     "delete_item",
+    "event_versions_in_range",
     "get_collection",
     "get_collection_by_id",
     "get_item",
