@@ -28,7 +28,6 @@ from typing import Any
 import vobject
 from sqlalchemy import (
     Connection,
-    Select,
     bindparam,
     case,
     delete,
@@ -36,7 +35,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    union,
     update,
 )
 
@@ -637,26 +635,6 @@ def _revision_in_token(token: str, collection: Collection) -> int:
 # --- time ranges ---------------------------------------------------------------------------------
 
 
-def _overlapping_occurrences(
-    collection: Collection, start_utc: int, end_utc: int
-) -> Select[tuple[int]]:
-    """Item ids with an occurrence overlapping `[start_utc, end_utc)`, by two bounded scans."""
-
-    def scan(long_span: bool, longest: int) -> Select[tuple[int]]:
-        return select(occurrences.c.item_id).where(
-            occurrences.c.collection_id == collection.id,
-            occurrences.c.long_span == long_span,
-            occurrences.c.start_utc >= start_utc - longest,
-            occurrences.c.start_utc < end_utc,
-            occurrences.c.end_utc > start_utc,
-        )
-
-    short = scan(False, SHORT_OCCURRENCE_SECONDS)
-    if collection.longest_occurrence_seconds == 0:
-        return short
-    return union(short, scan(True, collection.longest_occurrence_seconds))  # type: ignore[return-value]
-
-
 def items_in_range(
     conn: Connection,
     collection: Collection,
@@ -697,20 +675,19 @@ def items_in_range(
 def _events_in_range(
     conn: Connection, collection: Collection, start_utc: int, end_utc: int
 ) -> list[tuple[StoredItem, bool]]:
-    matched_ids = _overlapping_occurrences(collection, start_utc, end_utc).subquery()
-    matched = conn.execute(
-        select(*_ITEM_COLUMNS).where(items.c.id.in_(select(matched_ids.c.item_id)))
-    ).all()
-    found = [(_item_from_row(row), True) for row in matched]
-    seen = {item.id for item, _ in found}
-    unindexed = conn.execute(
-        select(*_ITEM_COLUMNS).where(
-            items.c.collection_id == collection.id,
-            items.c.indexed_until < end_utc,
-            items.c.component == "VEVENT",
+    versions = event_versions_in_range(conn, collection, start_utc, end_utc)
+    if not versions:
+        return []
+    certain = {item_id: exact for item_id, _, _, _, exact in versions}
+    found: list[tuple[StoredItem, bool]] = []
+    ids = list(certain)
+    for start in range(0, len(ids), 500):  # stay under bound-parameter limits
+        rows = sql.rows(
+            conn,
+            f"SELECT {_ITEM_COLUMN_LIST} FROM items WHERE id IN :ids",
+            {"ids": ids[start : start + 500]},
         )
-    )
-    found.extend((_item_from_row(row), False) for row in unindexed if row.id not in seen)
+        found.extend((_item_from_row(row), certain[row[0]]) for row in rows)
     return found
 
 
