@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +48,6 @@ RETRY_MAX_SECONDS = 6 * 3600.0
 # How long a claimed row belongs to its worker; past it another pass may send it again.
 LEASE_SECONDS = 300
 BATCH_SIZE = 20
-# A slow batch (a crawling SMTP server) records what it has done at least this often, well inside
-# the lease.
-RECORD_EVERY_SECONDS = 5.0
 POLL_SECONDS = 0.5
 # After a pass fails as a whole (database away), wait longer before the next one.
 ERROR_PAUSE_SECONDS = 5.0
@@ -181,27 +178,6 @@ def handlers() -> dict[str, Handler]:
     }
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a claimed row, to be recorded (`finish`) with the others of its batch."""
-
-    row: Claimed
-    status: str
-    error: str | None = None
-    next_attempt_at: int | None = None
-
-
-def finish_all(conn: Connection, outcomes: Sequence[Outcome]) -> None:
-    for outcome in outcomes:
-        finish(
-            conn,
-            outcome.row,
-            outcome.status,
-            error=outcome.error,
-            next_attempt_at=outcome.next_attempt_at,
-        )
-
-
 async def run_once(
     database: Database,
     settings: Settings,
@@ -209,12 +185,7 @@ async def run_once(
     transport: Transport | None = None,
     now: int | None = None,
 ) -> int:
-    """Deliver every row due now, batch by batch; returns how many rows were delivered.
-
-    Outcomes are recorded together, in one write transaction per batch (or every
-    `RECORD_EVERY_SECONDS` of a slow batch), not one per message: during a rush of bookings the
-    worker's own commits were competing with theirs. A crash before the record only means those
-    rows are sent again when their lease expires (at least once, as always)."""
+    """Deliver every row due now, batch by batch; returns how many rows were delivered."""
     transport = transport or transport_for(settings)
     table = handlers()
     delivered = 0
@@ -223,29 +194,16 @@ async def run_once(
         claimed = await database.run_write(claim_due, moment)
         if not claimed:
             return delivered
-        outcomes: list[Outcome] = []
-        recorded_at = time.monotonic()
         for row in claimed:
             job = Job(row, database, settings, transport, moment, _fields(row))
-            outcome = await _deliver(job, table.get(row.kind))
-            delivered += outcome.status == SENT
-            outcomes.append(outcome)
-            if time.monotonic() - recorded_at > RECORD_EVERY_SECONDS:
-                await _record(database, outcomes)
-                outcomes, recorded_at = [], time.monotonic()
-        await _record(database, outcomes)
+            try:
+                delivered += await _deliver(job, table.get(row.kind))
+            except Exception:
+                # Only bookkeeping can fail here (delivery errors are handled inside): the row
+                # keeps its lease and is retried when it expires; the rest of the batch goes on.
+                log.exception("outbox row %s: delivery bookkeeping failed", row.id)
         if len(claimed) < BATCH_SIZE:
             return delivered
-
-
-async def _record(database: Database, outcomes: list[Outcome]) -> None:
-    if not outcomes:
-        return
-    try:
-        await database.run_write(finish_all, outcomes)
-    except Exception:
-        # The rows keep their leases and are delivered again when those expire.
-        log.exception("outbox: recording %d outcomes failed", len(outcomes))
 
 
 def _fields(row: Claimed) -> dict[str, Any]:
@@ -258,29 +216,34 @@ def _fields(row: Claimed) -> dict[str, Any]:
     }
 
 
-async def _deliver(job: Job, handler: Handler | None) -> Outcome:
-    row, fields = job.row, job.fields
+async def _deliver(job: Job, handler: Handler | None) -> bool:
+    row, database, fields = job.row, job.database, job.fields
     try:
         if handler is None:
             raise Undeliverable(f"no handler for outbox kind {row.kind!r}")
         await handler(job)
     except Superseded as exc:
+        await database.run_write(finish, row, SUPERSEDED, error=str(exc))
         log_event(log, "outbox row superseded", **fields, reason=str(exc))
-        return Outcome(row, SUPERSEDED, error=str(exc))
+        return False
     except Exception as exc:
-        return _failed(job, exc)
+        await _failed(job, exc)
+        return False
+    await database.run_write(finish, row, SENT)
     log_event(log, "outbox row delivered", **fields)
-    return Outcome(row, SENT)
+    return True
 
 
-def _failed(job: Job, exc: Exception) -> Outcome:
+async def _failed(job: Job, exc: Exception) -> None:
     row, fields = job.row, job.fields
     error = _error_text(exc)
     max_attempts = job.settings.get("mail", "max_attempts") or MAX_ATTEMPTS
     if isinstance(exc, Undeliverable) or row.attempts >= max_attempts:
+        await job.database.run_write(finish, row, FAILED, error=error)
         log_event(log, "outbox row failed", logging.ERROR, **fields, status=FAILED, error=error)
-        return Outcome(row, FAILED, error=error)
+        return
     retry_at = job.now + retry_delay_seconds(row.attempts)
+    await job.database.run_write(finish, row, PENDING, error=error, next_attempt_at=retry_at)
     log_event(
         log,
         "outbox row deferred",
@@ -289,7 +252,6 @@ def _failed(job: Job, exc: Exception) -> Outcome:
         error=error,
         retry_in=retry_at - job.now,
     )
-    return Outcome(row, PENDING, error=error, next_attempt_at=retry_at)
 
 
 async def plan_reminders_pass(database: Database, batch_size: int = 50) -> int:
