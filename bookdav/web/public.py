@@ -409,9 +409,7 @@ async def reschedule_page(request: web.Request) -> web.StreamResponse:
     try:
         _require_changeable(managed, time.time())
     except PolicyViolation as exc:
-        context = _manage_context(request, managed, zone)
-        context["error"] = exc.detail
-        return render(request, "manage.html", context, status=exc.status)
+        return _manage_error(request, managed, zone, exc.detail, exc.status)
     return await _reschedule_picker(request, managed, zone)
 
 
@@ -449,24 +447,38 @@ async def _reschedule_picker(
     )
 
 
-@routes.post("/manage/{token}/reschedule")
-@html_errors
-async def reschedule(request: web.Request) -> web.StreamResponse:
+async def _manage_post(request: web.Request) -> tuple[dict[str, str], Managed, str]:
+    """What every POST to a manage link checks and reads first: the rate limit, the form and its
+    CSRF token, the appointment, and the visitor's zone."""
     _limit(request)
     form = await form_data(request)
     _check_csrf(request, form)
-    database = request.app[DATABASE]
-    managed = await database.run_read(_managed, request.match_info["token"])
+    managed = await request.app[DATABASE].run_read(_managed, request.match_info["token"])
     zone = picker.valid_zone(form.get("tz")) or managed.appointment.client_timezone
+    return form, managed, zone
+
+
+def _manage_error(
+    request: web.Request, managed: Managed, zone: str, error: str, status: int
+) -> web.StreamResponse:
+    """The manage page again, saying why the change was refused."""
+    context = _manage_context(request, managed, zone)
+    context["error"] = error
+    return render(request, "manage.html", context, status=status)
+
+
+@routes.post("/manage/{token}/reschedule")
+@html_errors
+async def reschedule(request: web.Request) -> web.StreamResponse:
+    form, managed, zone = await _manage_post(request)
+    database = request.app[DATABASE]
     start = _start_param(form.get("start"))
     if start is None:
         raise web.HTTPSeeOther(f"/manage/{managed.appointment.manage_token}/reschedule")
     try:
         _require_changeable(managed, time.time())
     except PolicyViolation as exc:
-        context = _manage_context(request, managed, zone)
-        context["error"] = exc.detail
-        return render(request, "manage.html", context, status=exc.status)
+        return _manage_error(request, managed, zone, exc.detail, exc.status)
     assert managed.service is not None
     principals = booking.principals_for(managed.service, managed.provider)
     try:
@@ -494,17 +506,13 @@ async def reschedule(request: web.Request) -> web.StreamResponse:
 @routes.post("/manage/{token}/cancel")
 @html_errors
 async def cancel(request: web.Request) -> web.StreamResponse:
-    _limit(request)
-    form = await form_data(request)
-    _check_csrf(request, form)
+    form, managed, zone = await _manage_post(request)
     database = request.app[DATABASE]
-    managed = await database.run_read(_managed, request.match_info["token"])
-    zone = picker.valid_zone(form.get("tz")) or managed.appointment.client_timezone
     reason = form.get("reason", "").strip()
     if len(reason) > MAX_NOTES:
-        context = _manage_context(request, managed, zone)
-        context["error"] = f"Keep the reason under {MAX_NOTES} characters."
-        return render(request, "manage.html", context, status=400)
+        return _manage_error(
+            request, managed, zone, f"Keep the reason under {MAX_NOTES} characters.", 400
+        )
     assert managed.service is not None or managed.appointment.status != "confirmed"
     try:
         _require_changeable(managed, time.time())
@@ -522,8 +530,6 @@ async def cancel(request: web.Request) -> web.StreamResponse:
             principals=principals,
         )
     except PolicyViolation as exc:
-        context = _manage_context(request, managed, zone)
-        context["error"] = exc.detail
-        return render(request, "manage.html", context, status=exc.status)
+        return _manage_error(request, managed, zone, exc.detail, exc.status)
     log_event(log, "web cancellation", appointment_id=managed.appointment.id)
     raise web.HTTPSeeOther(f"/manage/{managed.appointment.manage_token}")
