@@ -26,6 +26,8 @@ from bookdav.storage.db import Database, DatabaseUnavailable, database_for
 from bookdav.storage.users import ROLES, UsernameTaken
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from bookdav.web.demo import Demo
 
 log = logging.getLogger("bookdav")
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == [SIBLING_COMMAND]:
+        return _sibling()
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -288,7 +293,10 @@ def _bootstrap_admin(database: Database) -> None:
 
 def _serve(settings: Settings, demo: bool = False) -> int:
     # Claim the port first: a port in use fails before anything is written to the database.
-    listener = _listen(settings.get("server", "host"), settings.get("server", "port"))
+    processes = settings.get("server", "processes")
+    listener = _listen(
+        settings.get("server", "host"), settings.get("server", "port"), reuse_port=processes > 1
+    )
     database = _open_database(settings)
     _migrate(database)
     _bootstrap_admin(database)
@@ -303,7 +311,38 @@ def _serve(settings: Settings, demo: bool = False) -> int:
                 "--demo: the database has providers already; no demo made",
                 level=logging.WARNING,
             )
-    return asyncio.run(_run_server(settings, listener, demo_account))
+    if processes == 1:
+        return asyncio.run(_run_server(settings, listener, demo_account))
+    from bookdav.server import processes as siblings_of
+
+    settings = _with_actual_port(settings, listener)
+    try:
+        siblings = siblings_of.start_siblings(settings, processes - 1)
+    except siblings_of.SiblingFailed as exc:
+        raise Fatal(str(exc)) from exc
+    try:
+        return asyncio.run(_run_server(settings, listener, demo_account))
+    finally:
+        siblings_of.stop_siblings(siblings)
+
+
+# `python -m bookdav _sibling`: a further server process started by `_serve` (not for users).
+SIBLING_COMMAND = "_sibling"
+
+
+def _sibling() -> int:
+    from bookdav.server import processes as siblings_of
+
+    settings = siblings_of.read_sibling_settings(sys.stdin.buffer)
+    setup_logging(settings.get("logging", "level"), settings.get("logging", "format"))
+    try:
+        listener = _listen(
+            settings.get("server", "host"), settings.get("server", "port"), reuse_port=True
+        )
+    except Fatal as exc:
+        print(f"bookdav: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(_run_server(settings, listener, sibling=True))
 
 
 # Connections the kernel queues before they are accepted. asyncio's default (100, aiohttp's 128)
@@ -312,25 +351,44 @@ def _serve(settings: Settings, demo: bool = False) -> int:
 LISTEN_BACKLOG = 2048
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        return socket.create_server(
+            (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+        )
     except OSError as exc:
         raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-async def _run_server(settings: Settings, listener: socket.socket, demo: Demo | None = None) -> int:
+async def _run_server(
+    settings: Settings,
+    listener: socket.socket,
+    demo: Demo | None = None,
+    *,
+    sibling: bool = False,
+) -> int:
     from aiohttp import web
 
+    from bookdav.server import processes
     from bookdav.server.app import create_app
 
     actual_port = listener.getsockname()[1]
-    if not settings.get("server", "base_url"):
-        settings = _with_port(settings, actual_port)
+    settings = _with_actual_port(settings, listener)
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
     await web.SockSite(runner, listener, backlog=LISTEN_BACKLOG).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if sibling:
+        log_event(
+            log, "sibling process up", listen=f"{settings.get('server', 'host')}:{actual_port}"
+        )
+        processes.say_ready()
+        processes.watch_lifeline(sys.stdin.buffer, lambda: loop.call_soon_threadsafe(stop.set))
+        return await _serve_until(stop, runner)
     host = settings.get("server", "host")
     base = settings.public_base_url
     log_event(
@@ -352,16 +410,23 @@ async def _run_server(settings: Settings, listener: socket.socket, demo: Demo | 
             f", password {demo.password})" if demo.password else ")"
         )
         print(f"  Book:   {base}/book/{demo.username}\n  Dashboard: {base}/app/{login}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    return await _serve_until(stop, runner)
+
+
+async def _serve_until(stop: asyncio.Event, runner: web.AppRunner) -> int:
     try:
         await stop.wait()
     finally:
         log_event(log, "shutting down")
         await runner.cleanup()
     return 0
+
+
+def _with_actual_port(settings: Settings, listener: socket.socket) -> Settings:
+    """With port 0 the kernel picked one: the public URL (unless configured) names it."""
+    if settings.get("server", "base_url"):
+        return settings
+    return _with_port(settings, listener.getsockname()[1])
 
 
 def _with_port(settings: Settings, port: int) -> Settings:

@@ -95,6 +95,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_body_bytes": Option(
             _positive_int, "10485760", "Largest request body accepted; larger gets 413."
         ),
+        "processes": Option(
+            _positive_int,
+            "1",
+            "Server processes sharing the port (SO_REUSEPORT) and the database; more than one "
+            "uses more cores (docs/architecture.md, Processes).",
+        ),
         "dav_threads": Option(
             _positive_int,
             "32",

@@ -28,6 +28,7 @@ class StructuredFormatter(logging.Formatter):
                 "level": record.levelname.lower(),
                 "logger": record.name,
                 "event": message,
+                "pid": record.process,  # `[server] processes` > 1 interleave in one stream
                 **fields,
             }
             if record.exc_info:

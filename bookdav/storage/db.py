@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -71,9 +73,12 @@ class Database:
             engine = create_engine(self.url, pool_size=24, max_overflow=16, pool_timeout=60)
             _ping_when_idle(engine)
             self._write_engine = self._read_engine = engine
-        # SQLite takes one writer at a time anyway: a single writer thread and an in-process mutex
-        # queue writers cheaply; PostgreSQL writers run in parallel under per-principal locks.
-        self._sqlite_writer_mutex = threading.Lock()
+        # SQLite takes one writer at a time anyway: a single writer thread and a mutex (shared
+        # with other processes on the same file) queue writers cheaply; PostgreSQL writers run in
+        # parallel under per-principal locks.
+        self._sqlite_writer_mutex = (
+            SqliteWriteLock(parsed.database) if self.is_sqlite else contextlib.nullcontext()
+        )
         threads = writer_threads or (1 if self.is_sqlite else 16)
         self._writer_pool = ThreadPoolExecutor(threads, thread_name_prefix="db-write")
         self._group_writer = GroupWriter(self) if self.is_sqlite else None
@@ -115,8 +120,7 @@ class Database:
     @contextlib.contextmanager
     def write(self, principals: Iterable[str] = ()) -> Iterator[Connection]:
         """A write transaction holding the lock of every named principal; commits on success."""
-        mutex = self._sqlite_writer_mutex if self.is_sqlite else contextlib.nullcontext()
-        with mutex, self._write_engine.begin() as conn:
+        with self._sqlite_writer_mutex, self._write_engine.begin() as conn:
             if not self.is_sqlite:
                 for key in sorted({principal_lock_key(p) for p in principals}):
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
@@ -171,6 +175,8 @@ class Database:
             self._group_writer.stop()
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
+        if isinstance(self._sqlite_writer_mutex, SqliteWriteLock):
+            self._sqlite_writer_mutex.close()
         self._write_engine.dispose()
         if self._read_engine is not self._write_engine:
             self._read_engine.dispose()
@@ -197,6 +203,55 @@ def _ping_when_idle(engine: Engine) -> None:
         except Exception as exc:
             # The pool discards this connection and checks out another (documented behaviour).
             raise DisconnectionError(_first_line(exc)) from exc
+
+
+class SqliteWriteLock:
+    """One SQLite writer at a time, across the threads of this process and across processes.
+
+    SQLite serialises writers itself, but a writer that finds the database locked polls in its
+    busy handler, sleeping 1, 2, 5 ... 100 ms between tries: with several `bookdav serve`
+    processes on one file, that sleep became the p99. So a writer first takes this lock: a mutex
+    for the threads of the process, then `flock` on `<database>-writelock` for the processes,
+    which the kernel hands to the next waiter the moment it is released. Writers that bypass it
+    (another program) still meet SQLite's own lock and busy timeout: this is about waiting well,
+    never about correctness. In-memory databases have one process: the mutex alone.
+    """
+
+    def __init__(self, database_path: str | None) -> None:
+        self._mutex = threading.Lock()
+        self._path = (
+            f"{database_path}-writelock"
+            if database_path
+            and database_path != ":memory:"
+            and not database_path.startswith("file:")
+            else None
+        )
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+        if self._path is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks with the GIL released
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class GroupWriter:

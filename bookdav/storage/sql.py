@@ -38,9 +38,16 @@ def _driver_sql(sql: str, dialect: str, list_sizes: tuple[tuple[str, int], ...])
     return _PARAMETER.sub(r"%(\1)s", sql.replace("%", "%%"))
 
 
+@functools.lru_cache(maxsize=1024)
+def _takes_lists(sql: str) -> bool:
+    return _LIST_PARAMETER.search(sql) is not None
+
+
 def _prepare(
     conn: Connection, sql: str, params: Mapping[str, Any]
 ) -> tuple[str, Mapping[str, Any]]:
+    if not _takes_lists(sql):  # most statements: no parameter to look at
+        return _driver_sql(sql, conn.dialect.name, ()), params
     lists = [(name, value) for name, value in params.items() if isinstance(value, list | tuple)]
     if not lists:
         return _driver_sql(sql, conn.dialect.name, ()), params
