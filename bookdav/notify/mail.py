@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from bookdav.booking.services import rules_from_json
 from bookdav.logs import log_event
@@ -14,8 +16,8 @@ from bookdav.notify import imip, plan
 from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.notify.outbox import Job
 from bookdav.storage import appointments as appointment_store
-from bookdav.storage.schema import services
-from bookdav.storage.users import user_by_id, user_preferences
+from bookdav.storage import sql
+from bookdav.storage.users import user_by_id
 
 log = logging.getLogger("bookdav.mail")
 
@@ -23,37 +25,46 @@ log = logging.getLogger("bookdav.mail")
 REMINDER_LATE_SECONDS = 0
 
 
-def load_context(
-    conn: Connection, appointment_id: str, templates_dir: str = ""
-) -> imip.Context | None:
-    """Appointment, provider, service name (a deleted service still has a name), its cancellation
-    notice and template overrides."""
+# The service's and the provider's side of a message in one statement (a deleted service still
+# has a name).
+_SERVICE_AND_PREFERENCES = """
+SELECT services.name, services.rules, services.templates, users.preferences
+FROM services JOIN users ON users.id = :provider_id
+WHERE services.id = :service_id
+"""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    context: imip.Context
+    provider_preferences: dict[str, Any]
+
+
+def load_context(conn: Connection, appointment_id: str, templates_dir: str = "") -> Loaded | None:
+    """Appointment, provider (with their preferences), service name, its cancellation notice and
+    template overrides: three statements."""
     appointment = appointment_store.get_appointment(conn, appointment_id)
     if appointment is None:
         return None
     provider = user_by_id(conn, appointment.provider_id)
-    row = conn.execute(
-        select(services.c.name, services.c.rules).where(services.c.id == appointment.service_id)
-    ).first()
+    row = sql.first(
+        conn,
+        _SERVICE_AND_PREFERENCES,
+        {"provider_id": appointment.provider_id, "service_id": appointment.service_id},
+    )
     if provider is None or row is None:
         return None
-    overrides = plan.service_overrides(conn, appointment.service_id).get("templates", {})
-    return imip.Context(
+    name, rules, templates, preferences = row
+    overrides = sql.json_object(templates).get("templates", {})
+    context = imip.Context(
         appointment,
         provider,
-        row.name,
-        cancellation_notice_minutes=rules_from_json(
-            json.loads(row.rules)
-        ).cancellation_notice_minutes,
+        name,
+        cancellation_notice_minutes=rules_from_json(json.loads(rules)).cancellation_notice_minutes,
         service_templates=overrides if isinstance(overrides, dict) else {},
         templates_dir=templates_dir,
     )
-
-
-def provider_wants_email(conn: Connection, provider_id: str, default: bool) -> bool:
-    """The provider's `notifyByEmail` preference, else `[mail] notify_providers`."""
-    chosen = user_preferences(conn, provider_id).get("notifyByEmail")
-    return chosen if isinstance(chosen, bool) else default
+    return Loaded(context, sql.json_object(preferences))
 
 
 def reminder_still_due(conn: Connection, job: Job, context: imip.Context) -> str | None:
@@ -82,11 +93,12 @@ async def deliver(job: Job) -> None:
     """Build the row's message from the appointment as it is now and hand it to the transport."""
     row = job.row
     templates_dir = job.settings.get("mail", "templates_dir")
-    context = await job.database.run_read(load_context, row.appointment_id or "", templates_dir)
-    if context is None:
+    loaded = await job.database.run_read(load_context, row.appointment_id or "", templates_dir)
+    if loaded is None:
         raise Undeliverable(
             f"appointment {row.appointment_id} (or its provider or service) is gone"
         )
+    context = loaded.context
     current = context.appointment.sequence
     if row.kind == imip.CLIENT_REMINDER:
         reason = await job.database.run_read(reminder_still_due, job, context)
@@ -94,12 +106,12 @@ async def deliver(job: Job) -> None:
             raise Superseded(reason)
     elif int(row.payload.get("sequence", current)) < current:
         raise Superseded(f"superseded by sequence {current}")
-    if row.kind == imip.PROVIDER_NOTICE and not await job.database.run_read(
-        provider_wants_email,
-        context.provider.id,
-        job.settings.get("mail", "notify_providers"),
-    ):
-        raise Superseded("the provider chose no email notices")
+    if row.kind == imip.PROVIDER_NOTICE:
+        chosen = loaded.provider_preferences.get("notifyByEmail")  # else `[mail] notify_providers`
+        if not (
+            chosen if isinstance(chosen, bool) else job.settings.get("mail", "notify_providers")
+        ):
+            raise Superseded("the provider chose no email notices")
     # Building the MIME message is CPU work of a millisecond or more: off the event loop, so a
     # backlog of mail after a rush does not stall the requests still coming in.
     outgoing = await asyncio.to_thread(

@@ -70,12 +70,9 @@ def configure(reminder_minutes: str) -> None:
 
 
 def service_overrides(conn: Connection, service_id: str) -> dict[str, Any]:
-    raw = sql.scalar(conn, "SELECT templates FROM services WHERE id = :id", {"id": service_id})
-    try:
-        found = json.loads(raw or "{}")
-    except ValueError:
-        return {}
-    return found if isinstance(found, dict) else {}
+    return sql.json_object(
+        sql.scalar(conn, "SELECT templates FROM services WHERE id = :id", {"id": service_id})
+    )
 
 
 def reminder_offsets(

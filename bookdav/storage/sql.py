@@ -11,6 +11,7 @@ SQLAlchemy statements around them; rows come back as plain tuples.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -102,3 +103,12 @@ def mappings(
     cursor = execute(conn, sql, params)
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def json_object(raw: str | None) -> dict[str, Any]:
+    """A JSON-object column's value (stored as text): {} when empty, malformed or not an object."""
+    try:
+        found = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

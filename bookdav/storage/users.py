@@ -155,9 +155,9 @@ def update_user(conn: Connection, user_id: str, **changes: Any) -> User | None:
 
 def user_preferences(conn: Connection, user_id: str) -> dict[str, Any]:
     """The user's preferences (JSON object; {} when none were chosen)."""
-    raw = conn.execute(select(users.c.preferences).where(users.c.id == user_id)).scalar()
-    found = json.loads(raw or "{}")
-    return found if isinstance(found, dict) else {}
+    return sql.json_object(
+        conn.execute(select(users.c.preferences).where(users.c.id == user_id)).scalar()
+    )
 
 
 def merge_preferences(conn: Connection, user_id: str, changes: dict[str, Any]) -> dict[str, Any]:
