@@ -180,7 +180,8 @@ def book(
     text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
     ignoring = appointment.event_uid if len(attendees) > 1 else None  # the group's own event
     owned = _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
-    _write_event(conn, provider, service, appointment, text, times, owned)
+    fresh = len(attendees) == 1  # a new event (not joining a group's): new UUID href and UID
+    _write_event(conn, provider, service, appointment, text, times, owned, fresh=fresh)
     store.insert_appointment(conn, appointment)
     _announce(conn, "appointment.created", appointment, service)
     return Booked(appointment, service, provider)
@@ -565,9 +566,12 @@ def _write_event(
     text: str,
     times: occ.ItemTimes,
     owned: ProviderCalendars | None = None,
+    *,
+    fresh: bool = False,
 ) -> None:
     """The same VEVENT into the provider's Appointments calendar and each resource's calendar.
-    `owned`: the provider's calendars, if the caller has just read them."""
+    `owned`: the provider's calendars, if the caller has just read them; `fresh`: a new event
+    whose href and UID were made from a new UUID (see `calendars.put_item`)."""
     appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
     owned = owned or provider_calendars(conn, provider)
     targets = [c for c in owned.busy if c.path == appointments_path]
@@ -575,7 +579,13 @@ def _write_event(
         raise NotFound(f"provider {provider.id} has no appointments calendar")
     for collection in [*targets, *resource_calendars(conn, service)]:
         calendars.put_item(
-            conn, collection, appointment.event_href, text, uid=appointment.event_uid, times=times
+            conn,
+            collection,
+            appointment.event_href,
+            text,
+            uid=appointment.event_uid,
+            times=times,
+            fresh=fresh,
         )
 
 

@@ -383,6 +383,7 @@ def put_item(
     etag: str | None = None,
     times: occ.ItemTimes | None = None,
     now: int | None = None,
+    fresh: bool = False,
 ) -> tuple[StoredItem, StoredItem | None]:
     """Insert or replace the item at `href`; return it and the item it replaced, if any.
 
@@ -390,13 +391,17 @@ def put_item(
     (saves a parse), or, for an event bookdav built itself, its `uid` and `times` (no parse at
     all: vobject costs milliseconds on the booking path). Indexes its occurrences, raises the
     collection's revision and records the change for sync-collection. Raises `UidConflict` if
-    another href holds the same UID.
+    another href holds the same UID. `fresh`: the caller made `href` and `uid` up just now from a
+    random UUID (a new appointment), so neither can exist: the look-up for them is skipped (the
+    unique index on the href still stands guard).
     """
     now = _now() if now is None else now
     if calendar is None and (uid is None or times is None):
         calendar = vobject.readOne(text)
     uid = _uid_of(calendar) if uid is None else uid
-    replaced, uid_taken = _same_href_or_uid(conn, collection.id, href, uid)
+    replaced, uid_taken = (
+        (None, False) if fresh else _same_href_or_uid(conn, collection.id, href, uid)
+    )
     if uid_taken:
         raise UidConflict(f"UID {uid!r} already exists in {collection.path!r}")
     times = _times_of(calendar, collection, now) if times is None else times
