@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from bookdav.logs import log_event
 from bookdav.notify import imip, plan
 from bookdav.notify.errors import Superseded, Undeliverable
 from bookdav.notify.outbox import Job
-from bookdav.storage import appointments as appointment_store
 from bookdav.storage import sql
-from bookdav.storage.users import user_by_id
+from bookdav.storage.appointments import Appointment
+from bookdav.storage.users import User
 
 log = logging.getLogger("bookdav.mail")
 
@@ -25,13 +26,21 @@ log = logging.getLogger("bookdav.mail")
 REMINDER_LATE_SECONDS = 0
 
 
-# The service's and the provider's side of a message in one statement (a deleted service still
-# has a name).
-_SERVICE_AND_PREFERENCES = """
-SELECT services.name, services.rules, services.templates, users.preferences
-FROM services JOIN users ON users.id = :provider_id
-WHERE services.id = :service_id
-"""
+# Everything a message is built from, for a whole batch of rows, in one statement: the
+# appointment, its provider (with their preferences) and its service (a deleted service still has
+# a name and rules).
+_APPOINTMENT_FIELDS = [f.name for f in dataclasses.fields(Appointment)]
+_USER_FIELDS = [f.name for f in dataclasses.fields(User)]
+_CONTEXTS = (
+    "SELECT "
+    + ", ".join(
+        [f"appointments.{n}" for n in _APPOINTMENT_FIELDS]
+        + [f"users.{n}" for n in _USER_FIELDS]
+        + ["services.name", "services.rules", "services.templates", "users.preferences"]
+    )
+    + " FROM appointments JOIN users ON users.id = appointments.provider_id"
+    " JOIN services ON services.id = appointments.service_id WHERE appointments.id IN :ids"
+)
 
 
 @dataclass(frozen=True)
@@ -40,31 +49,52 @@ class Loaded:
     provider_preferences: dict[str, Any]
 
 
-def load_context(conn: Connection, appointment_id: str, templates_dir: str = "") -> Loaded | None:
-    """Appointment, provider (with their preferences), service name, its cancellation notice and
-    template overrides: three statements."""
-    appointment = appointment_store.get_appointment(conn, appointment_id)
-    if appointment is None:
-        return None
-    provider = user_by_id(conn, appointment.provider_id)
-    row = sql.first(
-        conn,
-        _SERVICE_AND_PREFERENCES,
-        {"provider_id": appointment.provider_id, "service_id": appointment.service_id},
-    )
-    if provider is None or row is None:
-        return None
-    name, rules, templates, preferences = row
-    overrides = sql.json_object(templates).get("templates", {})
-    context = imip.Context(
-        appointment,
-        provider,
-        name,
-        cancellation_notice_minutes=rules_from_json(json.loads(rules)).cancellation_notice_minutes,
-        service_templates=overrides if isinstance(overrides, dict) else {},
-        templates_dir=templates_dir,
-    )
-    return Loaded(context, sql.json_object(preferences))
+def load_contexts(
+    conn: Connection, appointment_ids: list[str], templates_dir: str = ""
+) -> dict[str, Loaded]:
+    """Appointment id -> what its messages are built from; an appointment whose provider or
+    service is gone is left out."""
+    found: dict[str, Loaded] = {}
+    if not appointment_ids:
+        return found
+    for row in sql.rows(conn, _CONTEXTS, {"ids": sorted(set(appointment_ids))}):
+        appointment = Appointment(*row[: len(_APPOINTMENT_FIELDS)])
+        rest = row[len(_APPOINTMENT_FIELDS) :]
+        provider = User(*rest[: len(_USER_FIELDS)])
+        name, rules, templates, preferences = rest[len(_USER_FIELDS) :]
+        overrides = sql.json_object(templates).get("templates", {})
+        context = imip.Context(
+            appointment,
+            provider,
+            name,
+            cancellation_notice_minutes=rules_from_json(
+                json.loads(rules)
+            ).cancellation_notice_minutes,
+            service_templates=overrides if isinstance(overrides, dict) else {},
+            templates_dir=templates_dir,
+        )
+        found[appointment.id] = Loaded(context, sql.json_object(preferences))
+    return found
+
+
+# A claimed batch's mail rows have their contexts read together, once (Job.batch_memo).
+_MEMO_KEY = "mail.contexts"
+MAIL_KINDS = (imip.CLIENT_IMIP, imip.PROVIDER_NOTICE, imip.CLIENT_REMINDER)
+
+
+async def _loaded(job: Job) -> Loaded | None:
+    """This row's context, read with every other mail row of the batch the first time one asks
+    (an appointment missing from that read is gone)."""
+    memo = job.batch_memo
+    if _MEMO_KEY not in memo:
+        wanted = [row.appointment_id for row in job.batch if row.kind in MAIL_KINDS]
+        memo[_MEMO_KEY] = await job.database.run_read(
+            load_contexts,
+            [i for i in [*wanted, job.row.appointment_id] if i],
+            job.settings.get("mail", "templates_dir"),
+        )
+    found: dict[str, Loaded] = memo[_MEMO_KEY]
+    return found.get(job.row.appointment_id or "")
 
 
 def reminder_still_due(conn: Connection, job: Job, context: imip.Context) -> str | None:
@@ -92,8 +122,7 @@ def reminder_still_due(conn: Connection, job: Job, context: imip.Context) -> str
 async def deliver(job: Job) -> None:
     """Build the row's message from the appointment as it is now and hand it to the transport."""
     row = job.row
-    templates_dir = job.settings.get("mail", "templates_dir")
-    loaded = await job.database.run_read(load_context, row.appointment_id or "", templates_dir)
+    loaded = await _loaded(job)
     if loaded is None:
         raise Undeliverable(
             f"appointment {row.appointment_id} (or its provider or service) is gone"

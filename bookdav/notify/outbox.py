@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -158,6 +158,10 @@ class Job:
     transport: Transport
     now: int
     fields: dict[str, Any]
+    # The rows claimed with this one, and a dict the batch's handlers share: a handler may read
+    # what all of them need once (mail reads every message's appointment in one statement).
+    batch: list[Claimed] = field(default_factory=list)
+    batch_memo: dict[str, Any] = field(default_factory=dict)
 
 
 Handler = Callable[[Job], Awaitable[None]]
@@ -194,8 +198,9 @@ async def run_once(
         claimed = await database.run_write(claim_due, moment)
         if not claimed:
             return delivered
+        memo: dict[str, Any] = {}
         for row in claimed:
-            job = Job(row, database, settings, transport, moment, _fields(row))
+            job = Job(row, database, settings, transport, moment, _fields(row), claimed, memo)
             try:
                 delivered += await _deliver(job, table.get(row.kind))
             except Exception:
