@@ -1,6 +1,6 @@
 """Booking throughput and the one-slot stampede, on SQLite and on PostgreSQL.
 
-    python bench/booking.py [--seconds 20] [--connections 64] [--stampede 500] [--backends sqlite,postgresql]
+    python bench/booking.py [--seconds 20] [--connections 64] [--stampede 500] [--backends sqlite,postgresql] [--processes 1,2]
 
 Starts `bookdav serve` on loopback (PostgreSQL: a fresh database on BOOKDAV_TEST_DATABASE_URL's
 server), makes 100 providers offering one 30-minute service around the clock, then, from a
@@ -181,9 +181,10 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
 
 
-def verify(database_url: str, created: list[str]) -> int:
+def verify(database_url: str, created: list[str]) -> tuple[int, int]:
     """How many of the 201s are real bookings: row, VEVENT in the calendar, the two iMIP outbox
-    rows (invitation and provider notice; reminder rows come on top)."""
+    rows (invitation and provider notice; reminder rows come on top); and how many of those
+    messages were not sent yet when the storm ended (the outbox catches up after a rush)."""
     from sqlalchemy import func, select
 
     from bookdav.storage.db import Database
@@ -215,8 +216,14 @@ def verify(database_url: str, created: list[str]) -> int:
                 ).all()
             )
             real += sum(1 for r in rows if r.event_href in events and outboxed.get(r.id) == 2)
+        unsent = conn.execute(
+            select(func.count()).where(
+                outbox.c.kind.in_(("client.imip", "provider.notice")),
+                outbox.c.status.in_(("pending", "sending")),
+            )
+        ).scalar_one()
     database.close()
-    return real
+    return real, unsent
 
 
 def run_in_process(coroutine_name: str, *args: object) -> dict[str, object]:
@@ -230,12 +237,14 @@ def run_in_process(coroutine_name: str, *args: object) -> dict[str, object]:
     return json.loads(output)
 
 
-def measure(backend: str, seconds: float, connections: int, clients: int) -> dict[str, object]:
+def measure(
+    backend: str, processes: int, seconds: float, connections: int, clients: int
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bookdav-booking-") as tmp:
         database_url, drop = _database(backend, Path(tmp))
         process, base_url = start_bookdav(
             Path(tmp),
-            f"[server]\nport = 0\n[storage]\nurl = {database_url}\n"
+            f"[server]\nport = 0\nprocesses = {processes}\n[storage]\nurl = {database_url}\n"
             "[booking]\nguest_bookings_per_minute = 0\n[logging]\nlevel = warning\n",
         )
         try:
@@ -260,7 +269,7 @@ def measure(backend: str, seconds: float, connections: int, clients: int) -> dic
             )
             created = result.pop("created")
             assert isinstance(created, list)
-            result["real"] = verify(database_url, created)
+            result["real"], result["unsent"] = verify(database_url, created)
             print(f"[{backend}] stampede of {clients} ...", file=sys.stderr, flush=True)
             result["stampede"] = run_in_process(
                 "stampede",
@@ -274,7 +283,7 @@ def measure(backend: str, seconds: float, connections: int, clients: int) -> dic
             process.terminate()
             process.wait()
             drop()
-    return {"backend": backend, **result}
+    return {"backend": backend, "processes": processes, **result}
 
 
 def _database(backend: str, folder: Path) -> tuple[str, object]:
@@ -299,9 +308,9 @@ def _database(backend: str, folder: Path) -> tuple[str, object]:
 
 def table(results: list[dict[str, object]]) -> str:
     lines = [
-        "| backend | bookings/s (c=64) | p50 (ms) | p99 (ms) | 201s verified real | other answers "
-        "| stampede: 201s | stampede: 409s | stampede p99 (ms) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| backend | processes | bookings/s (c=64) | p50 (ms) | p99 (ms) | 201s verified real | other answers "
+        "| mail not yet sent at the end | stampede: 201s | stampede: 409s | stampede p99 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         statuses = r["statuses"]
@@ -311,8 +320,8 @@ def table(results: list[dict[str, object]]) -> str:
         st = stampede_result["statuses"]
         assert isinstance(st, dict)
         lines.append(
-            f"| {r['backend']} | {r['per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-            f"| {r['real']} of {statuses.get('201', 0)} | {others or '-'} "
+            f"| {r['backend']} | {r['processes']} | {r['per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+            f"| {r['real']} of {statuses.get('201', 0)} | {others or '-'} | {r['unsent']} "
             f"| {st.get('201', 0)} | {st.get('409', 0)} | {stampede_result['p99_ms']:.0f} |"
         )
     lines.append("")
@@ -329,6 +338,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--stampede", type=int, default=500)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument(
+        "--processes", default="1,2", help="`[server] processes` values to measure, comma-separated"
+    )
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -351,7 +363,9 @@ def main() -> None:
         print(json.dumps(asyncio.run(coroutine)))
         return
     results = [
-        measure(b, args.seconds, args.connections, args.stampede) for b in args.backends.split(",")
+        measure(backend, int(processes), args.seconds, args.connections, args.stampede)
+        for backend in args.backends.split(",")
+        for processes in args.processes.split(",")
     ]
     body = table(results)
     print(body)
