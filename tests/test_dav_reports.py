@@ -691,6 +691,7 @@ def test_remembered_fragments_answer_as_radicale_reading_only_uncertain_texts(
     bodies = {
         "plain": plain_body(*WEEK),
         "expand": expand_body(*WEEK, props="<D:getetag/><C:calendar-data/>"),
+        "free-busy": free_busy_body(*WEEK),
     }
     radicales = {"open-daily.ics", "all-day.ics", "all-day-weekly.ics", "floating.ics"}
     still_read = {

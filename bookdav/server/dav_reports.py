@@ -23,6 +23,7 @@ import datetime as dt
 import re
 import xml.etree.ElementTree as ET
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -460,28 +461,34 @@ def free_busy_text(
     read as UTC: Radicale's reading).
     """
     start_utc, end_utc = _seconds(query.start), _seconds(query.end)
-    versions = calendars.event_versions_in_range(conn, collection, start_utc, end_utc)
-    indexed = instances_in_range(conn, collection, start_utc, end_utc)
-    filter_element = _free_busy_filter(query)
+    rows = _instances_with_versions(conn, collection, start_utc, end_utc)
+    per_item = Counter(row[0] for row in rows) if max_occurrence else Counter()
+    if per_item and max(per_item.values()) >= max_occurrence:
+        raise FallThrough("free-busy occurrence limit")
     periods: list[tuple[int, int, str]] = []
     # Most items are known plain by their ETag: their busy time is the index's, no text needed.
-    to_read: list[tuple[str, bool]] = []
-    for item_id, href, etag, indexed_until, exact in versions:
-        instances = indexed.get(item_id, [])
-        if max_occurrence and len(instances) >= max_occurrence:
-            raise FallThrough("free-busy occurrence limit")
-        fully_indexed = indexed_until is None or indexed_until >= end_utc
-        if fully_indexed and _PLAIN_FREE_BUSY.get(etag):
-            periods.extend(_busy_periods(instances, start_utc, end_utc))
+    plain = _PLAIN_FREE_BUSY.get
+    to_read: dict[int, list[_Instance]] = {}  # candidates with indexed instances
+    for item_id, start, end, busy, etag, indexed_until in rows:
+        if (indexed_until is None or indexed_until >= end_utc) and plain(etag):
+            if busy:
+                periods.append((max(start, start_utc), min(end, end_utc), "BUSY"))
         else:
-            to_read.append((href, exact))
-    stored_items = calendars.get_items(conn, collection.id, [href for href, _ in to_read])
-    for href, exact in to_read:
-        stored = stored_items.get(href)
+            to_read.setdefault(item_id, []).append(_Instance(start, end, bool(busy)))
+    unindexed = calendars.unindexed_event_versions(conn, collection, end_utc)
+    if unindexed:
+        with_rows = {row[0] for row in rows}
+        uncertain = [version[0] for version in unindexed if version[0] not in with_rows]
+    else:
+        uncertain = []
+    stored_items = calendars.items_by_id(conn, [*to_read, *uncertain])
+    filter_element = _free_busy_filter(query)
+    for item_id, exact in [*((i, True) for i in to_read), *((i, False) for i in uncertain)]:
+        stored = stored_items.get(item_id)
         if stored is None:
             continue
         if _fully_indexed(stored, end_utc) and _plain_free_busy(stored):
-            periods.extend(_busy_periods(indexed.get(stored.id, []), start_utc, end_utc))
+            periods.extend(_busy_periods(to_read.get(item_id, []), start_utc, end_utc))
             continue
         item = _radicale_item(collection, stored)
         try:
@@ -492,6 +499,41 @@ def free_busy_text(
             raise FallThrough(str(exc)) from exc
         periods.extend((_seconds(s), _seconds(e), fbtype) for s, e, fbtype in found)
     return render_free_busy(periods, query)
+
+
+_INSTANCES_WITH_VERSIONS = (
+    "SELECT o.item_id, o.start_utc, o.end_utc, o.busy, i.etag, i.indexed_until"
+    " FROM occurrences o JOIN items i ON i.id = o.item_id"
+    " WHERE o.collection_id = :collection_id AND o.long_span = :long_span"
+    " AND o.start_utc >= :lowest_start AND o.start_utc < :end_utc AND o.end_utc > :start_utc"
+)
+
+
+def _instances_with_versions(
+    conn: Connection, collection: calendars.Collection, start_utc: int, end_utc: int
+) -> list[tuple[int, int, int, Any, str, int | None]]:
+    """`(item id, start, end, busy, etag, indexed_until)` of every indexed instance overlapping
+    the range: the bounded scans of `instances_in_range`, each row with its item's version, so
+    a free-busy answer needs one row per instance and nothing else for items known plain."""
+    bounds = [(False, calendars.SHORT_OCCURRENCE_SECONDS)]
+    if collection.longest_occurrence_seconds:
+        bounds.append((True, collection.longest_occurrence_seconds))
+    found: list[tuple[int, int, int, Any, str, int | None]] = []
+    for long_span, longest in bounds:
+        found.extend(
+            sql.rows(
+                conn,
+                _INSTANCES_WITH_VERSIONS,
+                {
+                    "collection_id": collection.id,
+                    "long_span": long_span,
+                    "lowest_start": start_utc - longest,
+                    "start_utc": start_utc,
+                    "end_utc": end_utc,
+                },
+            )
+        )
+    return found
 
 
 def _busy_periods(
