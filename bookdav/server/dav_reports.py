@@ -52,6 +52,10 @@ CANDIDATE_MARGIN_SECONDS = 86400
 RECURRENCE_KEYS = frozenset({"rrule", "rdate", "exrule", "exdate"})
 # vobject writes these VEVENT properties first, the rest sorted by name (its `sortFirst`).
 VEVENT_FIRST_KEYS = ("uid", "recurrence-id", "dtstart", "duration", "dtend")
+# zlib's fastest level, as nginx compresses by default: a one-week calendar-query at 10,000 events
+# (270 kB) takes 1.4 ms and 39 kB where Radicale's level 6 takes 3.6 ms and 34 kB, on the event
+# loop, for every request: more than building the answer from remembered fragments.
+GZIP_LEVEL = 1
 UTC_VALUE = re.compile(r"^\d{8}T\d{6}Z$")
 LOCAL_VALUE = re.compile(r"^\d{8}T\d{6}$")
 
@@ -1074,7 +1078,7 @@ def _response(
     headers = {"Content-Type": content_type}
     accepted = {e.strip() for e in request.headers.get("Accept-Encoding", "").split(",")}
     if "gzip" in accepted:
-        compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         answer = compressor.compress(answer) + compressor.flush()
         headers["Content-Encoding"] = "gzip"
     headers.update(getattr(application, "_extra_headers", {}) or {})
