@@ -42,6 +42,7 @@ from bookdav.server.keys import CREDENTIALS, DATABASE
 from bookdav.storage import calendars, sql
 from bookdav.storage.resources import RESOURCES_PRINCIPAL
 from bookdav.storage.schema import items
+from bookdav.storage.users import CredentialCheck
 
 ENCODING = "utf-8"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -1007,59 +1008,52 @@ async def answer_report(
     credentials = basic_credentials(request.headers.get("Authorization", ""))
     if credentials is None:
         return None
-    database = request.app[DATABASE]
-    user = await database.run_read(request.app[CREDENTIALS].verify, *credentials)
-    # Radicale's owner-only rights: a user reaches only their own calendars.
-    if user is None or user.username != path.split("/", 1)[0]:
-        return None
     reporting = application.configuration
+    limit = 0
+    if isinstance(query, FreeBusyQuery):
+        limit = reporting.get("reporting", "max_freebusy_occurrence")
+    elif isinstance(query, CalendarQuery):
+        limit = reporting.get("reporting", "max_expand_occurrence")
+    check = request.app[CREDENTIALS]
     try:
-        if isinstance(query, FreeBusyQuery):
-            limit = reporting.get("reporting", "max_freebusy_occurrence")
-            text = await database.run_read(_free_busy_unit, path, query, limit)
-            if text is None:
-                return None
-            answer, content_type = text.encode(ENCODING), f"text/calendar; charset={ENCODING}"
-        elif isinstance(query, SyncQuery):
-            answer_xml = await database.run_read(_sync_unit, path, query, prefix)
-            if answer_xml is None:
-                return None
-            answer, content_type = answer_xml, f"text/xml; charset={ENCODING}"
-        else:
-            limit = reporting.get("reporting", "max_expand_occurrence")
-            answer_xml = await database.run_read(_calendar_query_unit, path, query, prefix, limit)
-            if answer_xml is None:
-                return None
-            answer, content_type = answer_xml, f"text/xml; charset={ENCODING}"
+        # The credentials, the calendar and the answer in one read on one thread.
+        answer = await request.app[DATABASE].run_read(
+            _answer_unit, check, credentials, path, query, prefix, limit
+        )
+        if answer is None:
+            return None
     except FallThrough:
         return None
     except OverLimit:
         # Radicale's own answer to its limit (httputils.BAD_REQUEST), for the owner only.
         return _response(request, b"Bad Request", "text/plain", application, status=400)
-    return _response(request, answer, content_type, application)
+    if isinstance(query, FreeBusyQuery):
+        return _response(request, answer, f"text/calendar; charset={ENCODING}", application)
+    return _response(request, answer, f"text/xml; charset={ENCODING}", application)
 
 
-def _free_busy_unit(conn: Connection, path: str, query: FreeBusyQuery, limit: int) -> str | None:
-    collection = calendars.get_collection(conn, path)
-    if collection is None or collection.tag != "VCALENDAR":
-        return None
-    return free_busy_text(conn, collection, query, limit)
-
-
-def _calendar_query_unit(
-    conn: Connection, path: str, query: CalendarQuery, prefix: str, limit: int
+def _answer_unit(
+    conn: Connection,
+    check: CredentialCheck,
+    credentials: tuple[str, str],
+    path: str,
+    query: Query,
+    prefix: str,
+    limit: int,
 ) -> bytes | None:
+    """The answer for the calendar's owner with valid credentials; None: Radicale answers."""
+    user = check.verify(conn, *credentials)
+    # Radicale's owner-only rights: a user reaches only their own calendars.
+    if user is None or user.username != path.split("/", 1)[0]:
+        return None
     collection = calendars.get_collection(conn, path)
     if collection is None or collection.tag != "VCALENDAR":
         return None
+    if isinstance(query, FreeBusyQuery):
+        return free_busy_text(conn, collection, query, limit).encode(ENCODING)
+    if isinstance(query, SyncQuery):
+        return sync_multistatus(conn, collection, query, prefix)
     return calendar_query_multistatus(conn, collection, query, prefix, limit)
-
-
-def _sync_unit(conn: Connection, path: str, query: SyncQuery, prefix: str) -> bytes | None:
-    collection = calendars.get_collection(conn, path)
-    if collection is None or collection.tag != "VCALENDAR":
-        return None
-    return sync_multistatus(conn, collection, query, prefix)
 
 
 def xml_bytes(element: ET.Element) -> bytes:
