@@ -8,9 +8,11 @@ process, which is what the mount answers without the fast path.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import re
 import sys
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -731,3 +733,15 @@ def test_memo_stays_within_its_budget() -> None:
         assert sum(len(value) for value in memo._values.values()) <= 1000
     assert memo.get(99) == b"x" * 90
     assert memo.get(0) is None
+
+
+def test_free_busy_is_stamped_now_every_time(filled: Calendar) -> None:
+    """The VFREEBUSY envelope is rendered once per range; its DTSTAMP is still the moment of
+    each answer."""
+    for _ in range(2):
+        answer = filled.request("REPORT", body=free_busy_body(*WEEK), Depth="1").text
+        found = re.search(r"\r\nDTSTAMP:(\d{8}T\d{6}Z)\r\n", answer)
+        assert found, answer
+        stamped = dt.datetime.strptime(found.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        assert abs((dt.datetime.now(dt.UTC) - stamped).total_seconds()) < 5
+        time.sleep(1.1)

@@ -592,7 +592,7 @@ def _free_busy_filter(query: FreeBusyQuery) -> ET.Element:
 def render_free_busy(periods: list[tuple[int, int, str]], query: FreeBusyQuery) -> str:
     """Radicale's `render_freebusy` output, without building hundreds of vobject lines: the
     envelope comes from Radicale's renderer, the merged FREEBUSY lines are written here."""
-    envelope = radicale_report.render_freebusy([], query.start, query.end)
+    envelope = _free_busy_envelope(query)
     # Radicale's own merge (per FBTYPE, touching periods joined); it only compares the bounds,
     # so epoch seconds do as well as its datetimes.
     merged: list[tuple[int, int, str]] = radicale_report._merge_freebusy_periods(
@@ -604,6 +604,21 @@ def render_free_busy(periods: list[tuple[int, int, str]], query: FreeBusyQuery) 
     )
     head, _, tail = envelope.rpartition("END:VFREEBUSY\r\n")
     return f"{head}{lines}END:VFREEBUSY\r\n{tail}"
+
+
+_ENVELOPES = _Memo(1_000)
+_DTSTAMP_LINE = re.compile(r"\r\nDTSTAMP:\d{8}T\d{6}Z\r\n")
+
+
+def _free_busy_envelope(query: FreeBusyQuery) -> str:
+    """Radicale's VFREEBUSY without periods, rendered by its vobject code once per range (that
+    cost ~0.35 ms a query) and stamped with the current DTSTAMP each time."""
+    template = _ENVELOPES.get((query.start, query.end))
+    if template is None:
+        template = radicale_report.render_freebusy([], query.start, query.end)
+        _ENVELOPES.put((query.start, query.end), template)
+    now = dt.datetime.now(dt.UTC).strftime(TIMESTAMP_FORMAT)
+    return _DTSTAMP_LINE.sub(f"\r\nDTSTAMP:{now}\r\n", template, count=1)
 
 
 # --- calendar-query, plain and with expand --------------------------------------------------------
