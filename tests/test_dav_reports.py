@@ -745,3 +745,22 @@ def test_free_busy_is_stamped_now_every_time(filled: Calendar) -> None:
         stamped = dt.datetime.strptime(found.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
         assert abs((dt.datetime.now(dt.UTC) - stamped).total_seconds()) < 5
         time.sleep(1.1)
+
+
+def test_free_busy_limit_counts_instances_per_item(
+    dav_server: RunningServer, filled: Calendar
+) -> None:
+    """Radicale's max_freebusy_occurrence is per item: the daily Berlin series (7 instances in
+    the week) reaches a limit of 7 and Radicale answers; at 8 no single item does, though the
+    week holds more instances than that in all."""
+    path = filled.path.strip("/").split("/", 1)[1]
+    query = dav_reports.recognise(free_busy_body(*WEEK).encode())
+    assert isinstance(query, dav_reports.FreeBusyQuery)
+    with database_for(dav_server.database_url).read() as conn:
+        collection = calendars.get_collection(conn, path)
+        assert collection is not None
+        with pytest.raises(dav_reports.FallThrough):
+            dav_reports.free_busy_text(conn, collection, query, 7)
+        limited = dav_reports.free_busy_text(conn, collection, query, 8)
+        unlimited = dav_reports.free_busy_text(conn, collection, query, 0)
+    assert without_dtstamp(limited) == without_dtstamp(unlimited)

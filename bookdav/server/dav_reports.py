@@ -467,8 +467,12 @@ def free_busy_text(
     """
     start_utc, end_utc = _seconds(query.start), _seconds(query.end)
     rows = _instances_with_versions(conn, collection, start_utc, end_utc)
-    per_item = Counter(row[0] for row in rows) if max_occurrence else Counter()
-    if per_item and max(per_item.values()) >= max_occurrence:
+    # Radicale's limit is per item: only counted when the instances could reach it at all.
+    if (
+        max_occurrence
+        and len(rows) >= max_occurrence
+        and max(Counter(row[0] for row in rows).values()) >= max_occurrence
+    ):
         raise FallThrough("free-busy occurrence limit")
     periods: list[tuple[int, int, str]] = []
     # Most items are known plain by their ETag: their busy time is the index's, no text needed.
