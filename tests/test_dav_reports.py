@@ -8,9 +8,11 @@ process, which is what the mount answers without the fast path.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import re
 import sys
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -615,3 +617,150 @@ def test_remembered_answers_follow_a_changed_event(
     assert "DTSTART:20310602T140000Z" in expanded and "T090000Z" not in expanded
     cal.put("memo", calendar(moved.replace("END:VEVENT", "TRANSP:TRANSPARENT\r\nEND:VEVENT")))
     assert "FBTYPE" not in cal.request("REPORT", body=free_busy).text
+
+
+def plain_body(start: str, end: str, props: str = "<D:getetag/><C:calendar-data/>") -> str:
+    return expand_body(start, end, props="").replace(
+        f'<C:calendar-data><C:expand start="{start}" end="{end}"/></C:calendar-data>', props
+    )
+
+
+@pytest.mark.parametrize("kind", ["plain", "expand", "free-busy"])
+def test_a_put_or_delete_is_seen_by_the_next_report(
+    dav_server: RunningServer, provider: str, kind: str
+) -> None:
+    """Each item's response is remembered under its ETag: a PUT of new text under the same href
+    and a DELETE show in the very next REPORT, after the old answer was remembered."""
+    cal = make_calendar(dav_server, provider, f"fresh-{uuid.uuid4().hex[:6]}")
+    body = {
+        "plain": plain_body(*WEEK),
+        "expand": expand_body(*WEEK, props="<D:getetag/>"),
+        "free-busy": free_busy_body(*WEEK),
+    }[kind]
+    before = vevent("fresh", "DTSTART:20310603T090000Z", "DTEND:20310603T100000Z", "SUMMARY:Before")
+    cal.put("fresh", calendar(before))
+    for _ in range(2):
+        answer = cal.request("REPORT", body=body, Depth="1").text
+        assert "20310603T090000Z" in answer
+    after = before.replace("T090000Z", "T140000Z").replace("T100000Z", "T150000Z")
+    cal.put("fresh", calendar(after.replace("SUMMARY:Before", "SUMMARY:After")))
+    answer = cal.request("REPORT", body=body, Depth="1").text
+    assert "20310603T140000Z" in answer and "20310603T090000Z" not in answer
+    if kind != "free-busy":
+        assert "SUMMARY:After" in answer and "SUMMARY:Before" not in answer
+        etag = cal.request("PROPFIND", f"{cal.path}fresh.ics", Depth="0").text
+        assert re.search(r"<getetag>([^<]*)</getetag>", etag)
+        found = responses(answer)[f"{cal.path}fresh.ics"][f"{DAV}getetag"]
+        assert found.endswith("|" + ET.fromstring(etag).findtext(f".//{DAV}getetag", ""))
+    assert cal.request("DELETE", f"{cal.path}fresh.ics").status_code in (200, 204)
+    answer = cal.request("REPORT", body=body, Depth="1").text
+    assert "fresh.ics" not in answer and "20310603T" not in answer
+
+
+def test_same_event_in_two_calendars_answers_with_each_ones_href(
+    dav_server: RunningServer, provider: str
+) -> None:
+    """Remembered responses hold the href: the same text under the same name in two calendars
+    (one ETag) is answered with each calendar's own path."""
+    first = make_calendar(dav_server, provider, f"twin-a-{uuid.uuid4().hex[:6]}")
+    second = make_calendar(dav_server, provider, f"twin-b-{uuid.uuid4().hex[:6]}")
+    for cal in (first, second):
+        cal.put("twin", EVENTS["single"])
+    for body in (plain_body(*WEEK), expand_body(*WEEK)):
+        for cal in (first, second, first):
+            answer = responses(cal.request("REPORT", body=body, Depth="1").text)
+            assert list(answer) == [f"{cal.path}twin.ics"]
+
+
+def test_remembered_fragments_answer_as_radicale_reading_only_uncertain_texts(
+    dav_server: RunningServer,
+    filled: Calendar,
+    stock_radicale: radicale.Application,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asked twice, plain and expanded calendar-queries and free-busy answer as Radicale both
+    times; the second time, only the texts Radicale's own code must read are read (the open daily
+    series past the indexed horizon; for expand, what the template path leaves to Radicale: DATE
+    and floating times, overrides): everything else comes from remembered fragments."""
+    path = filled.path.strip("/").split("/", 1)[1]
+    read: list[list[int]] = []
+    items_by_id = calendars.items_by_id
+
+    def counting(conn: Any, ids: Any) -> dict[int, calendars.StoredItem]:
+        read.append(list(ids))
+        return items_by_id(conn, ids)
+
+    bodies = {
+        "plain": plain_body(*WEEK),
+        "expand": expand_body(*WEEK, props="<D:getetag/><C:calendar-data/>"),
+        "free-busy": free_busy_body(*WEEK),
+    }
+    radicales = {"open-daily.ics", "all-day.ics", "all-day-weekly.ics", "floating.ics"}
+    still_read = {
+        "plain": {"open-daily.ics"},
+        "expand": radicales | {"weekly-exdate-override.ics"},
+        "free-busy": radicales | {"tentative.ics", "cancelled.ics"},
+    }
+    database = database_for(dav_server.database_url)
+    for kind, body in bodies.items():
+        query = dav_reports.recognise(body.encode())
+        _, expected = radicale_answer(stock_radicale, filled, body)
+        for attempt in range(2):
+            read.clear()
+            monkeypatch.setattr(calendars, "items_by_id", counting)
+            with database.read() as conn:
+                collection = calendars.get_collection(conn, path)
+                assert collection is not None
+                if isinstance(query, dav_reports.FreeBusyQuery):
+                    answer = dav_reports.free_busy_text(conn, collection, query, 10000)
+                    assert without_dtstamp(answer) == without_dtstamp(expected), kind
+                else:
+                    assert isinstance(query, dav_reports.CalendarQuery)
+                    multistatus = dav_reports.calendar_query_multistatus(
+                        conn, collection, query, "/dav", 10000
+                    )
+                    assert responses(multistatus.decode()) == responses(expected), kind
+                texts = calendars.items_by_id(conn, [i for ids in read for i in ids])
+            monkeypatch.setattr(calendars, "items_by_id", items_by_id)
+            if attempt == 1:
+                assert {stored.href for stored in texts.values()} == still_read[kind]
+
+
+def test_memo_stays_within_its_budget() -> None:
+    memo = dav_reports._Memo(1000)
+    for n in range(100):
+        memo.put(n, b"x" * 90, 90)
+        assert sum(len(value) for value in memo._values.values()) <= 1000
+    assert memo.get(99) == b"x" * 90
+    assert memo.get(0) is None
+
+
+def test_free_busy_is_stamped_now_every_time(filled: Calendar) -> None:
+    """The VFREEBUSY envelope is rendered once per range; its DTSTAMP is still the moment of
+    each answer."""
+    for _ in range(2):
+        answer = filled.request("REPORT", body=free_busy_body(*WEEK), Depth="1").text
+        found = re.search(r"\r\nDTSTAMP:(\d{8}T\d{6}Z)\r\n", answer)
+        assert found, answer
+        stamped = dt.datetime.strptime(found.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        assert abs((dt.datetime.now(dt.UTC) - stamped).total_seconds()) < 5
+        time.sleep(1.1)
+
+
+def test_free_busy_limit_counts_instances_per_item(
+    dav_server: RunningServer, filled: Calendar
+) -> None:
+    """Radicale's max_freebusy_occurrence is per item: the daily Berlin series (7 instances in
+    the week) reaches a limit of 7 and Radicale answers; at 8 no single item does, though the
+    week holds more instances than that in all."""
+    path = filled.path.strip("/").split("/", 1)[1]
+    query = dav_reports.recognise(free_busy_body(*WEEK).encode())
+    assert isinstance(query, dav_reports.FreeBusyQuery)
+    with database_for(dav_server.database_url).read() as conn:
+        collection = calendars.get_collection(conn, path)
+        assert collection is not None
+        with pytest.raises(dav_reports.FallThrough):
+            dav_reports.free_busy_text(conn, collection, query, 7)
+        limited = dav_reports.free_busy_text(conn, collection, query, 8)
+        unlimited = dav_reports.free_busy_text(conn, collection, query, 0)
+    assert without_dtstamp(limited) == without_dtstamp(unlimited)

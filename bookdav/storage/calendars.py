@@ -681,18 +681,20 @@ def _events_in_range(
     conn: Connection, collection: Collection, start_utc: int, end_utc: int
 ) -> list[tuple[StoredItem, bool]]:
     versions = event_versions_in_range(conn, collection, start_utc, end_utc)
-    if not versions:
-        return []
-    certain = {item_id: exact for item_id, _, _, _, exact in versions}
-    found: list[tuple[StoredItem, bool]] = []
-    ids = list(certain)
+    by_id = items_by_id(conn, [item_id for item_id, *_ in versions])
+    return [(by_id[item_id], certain) for item_id, _, _, _, certain in versions if item_id in by_id]
+
+
+def items_by_id(conn: Connection, ids: Sequence[int]) -> dict[int, StoredItem]:
+    """The items with these ids (missing ones are simply absent), by id."""
+    found: dict[int, StoredItem] = {}
     for start in range(0, len(ids), 500):  # stay under bound-parameter limits
         rows = sql.rows(
             conn,
             f"SELECT {_ITEM_COLUMN_LIST} FROM items WHERE id IN :ids",
-            {"ids": ids[start : start + 500]},
+            {"ids": list(ids[start : start + 500])},
         )
-        found.extend((_item_from_row(row), certain[row[0]]) for row in rows)
+        found.update((row[0], _item_from_row(row)) for row in rows)
     return found
 
 
@@ -731,18 +733,30 @@ def event_versions_in_range(
         )
     ]
     seen = {item_id for item_id, *_ in found}
-    unindexed = sql.rows(
-        conn,
-        f"{_VERSION_COLUMNS} WHERE collection_id = :collection_id AND indexed_until < :end_utc"
-        " AND component = 'VEVENT'",
-        {"collection_id": collection.id, "end_utc": end_utc},
-    )
     found.extend(
         (item_id, href, etag, indexed_until, False)
-        for item_id, href, etag, indexed_until in unindexed
+        for item_id, href, etag, indexed_until in unindexed_event_versions(
+            conn, collection, end_utc
+        )
         if item_id not in seen
     )
     return found
+
+
+def unindexed_event_versions(
+    conn: Connection, collection: Collection, end_utc: int
+) -> list[tuple[int, str, str, int | None]]:
+    """`(id, href, etag, indexed_until)` of the VEVENT items not indexed up to `end_utc` (open
+    RRULEs past the horizon): candidates of any range ending later, whatever the index says."""
+    return [
+        (item_id, href, etag, indexed_until)
+        for item_id, href, etag, indexed_until in sql.rows(
+            conn,
+            f"{_VERSION_COLUMNS} WHERE collection_id = :collection_id"
+            " AND indexed_until < :end_utc AND component = 'VEVENT'",
+            {"collection_id": collection.id, "end_utc": end_utc},
+        )
+    ]
 
 
 def busy_intervals(
@@ -891,11 +905,13 @@ __all__ = [
     "get_items",
     "has_uid",
     "item_etag",
+    "items_by_id",
     "items_in_range",
     "move_item",
     "owner_of",
     "put_item",
     "reindex_items",
     "set_props",
+    "unindexed_event_versions",
     "zone_from_props",
 ]
