@@ -113,6 +113,34 @@ def test_a_guest_books_a_free_slot_and_it_is_a_real_calendar_event(provider: Pro
     assert sorted(kinds) == ["client.imip", "client.reminder", "client.reminder", "provider.notice"]
 
 
+def event_summary(provider: Provider, appointment_id: str) -> str:
+    with database_for(provider.server.database_url).read() as conn:
+        text = conn.execute(
+            select(items.c.text).where(items.c.href == f"{appointment_id}.ics")
+        ).scalar_one()
+    return next(line for line in text.splitlines() if line.startswith("SUMMARY:"))
+
+
+def test_a_booking_prepared_from_a_service_that_changed_since_is_built_again(
+    provider: Provider,
+) -> None:
+    """The server prepares a booking's event before its transaction from what the previous
+    booking of this provider and service read; renamed in between, the event has the new name."""
+    monday = next_monday(12)
+    first = book(provider, _api_instant(monday, 9)).json()
+    assert event_summary(provider, first["appointmentId"]) == "SUMMARY:Consultation: Ann Example"
+    renamed = requests.put(
+        f"{provider.server.base_url}/api/v1/services/{provider.service_id}",
+        auth=provider.auth,
+        json={"name": "Second opinion"},
+    )
+    assert renamed.status_code == 200, renamed.text
+    second = book(provider, _api_instant(monday, 10)).json()
+    assert event_summary(provider, second["appointmentId"]) == "SUMMARY:Second opinion: Ann Example"
+    third = book(provider, _api_instant(monday, 11)).json()  # prepared from the new name
+    assert event_summary(provider, third["appointmentId"]) == "SUMMARY:Second opinion: Ann Example"
+
+
 def test_the_event_shows_in_sync_collection_right_after_the_201(provider: Provider) -> None:
     principal = caldav.DAVClient(
         url=provider.server.dav_url,

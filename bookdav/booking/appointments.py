@@ -122,25 +122,48 @@ def principals_for(service: ServiceRecord, provider: User) -> list[str]:
     return [provider.username] + ([RESOURCES_PRINCIPAL] if service.resource_ids else [])
 
 
-def book(
-    conn: Connection,
-    request: BookingRequest,
-    manage_url_base: str,
-    held: Sequence[str],
-    now: int | None = None,
-) -> Booked:
-    """Book one appointment (or a recurring series) atomically; see the module docstring.
-    `held` are the principals whose locks the transaction holds."""
+@dataclass(frozen=True)
+class Prepared:
+    """A single booking's appointment and VEVENT, built before the transaction from what the
+    last booking of the same provider and service read (`prepare`). `book` uses them only if the
+    provider and service it reads under the lock are still exactly those: the work moves out of
+    the one-writer-at-a-time section, the outcome does not change."""
+
+    provider: User
+    service: ServiceRecord
+    manage_url_base: str
+    appointment: Appointment
+    text: str
+    times: occ.ItemTimes
+
+
+# (provider id, service id) -> the provider and service the last booking read under its lock.
+_LAST_READ: dict[tuple[str, str], tuple[User, ServiceRecord]] = {}
+_LAST_READ_LIMIT = 10_000
+
+
+def prepare(
+    request: BookingRequest, manage_url_base: str, now: int | None = None
+) -> Prepared | None:
+    """Build a single, non-group booking's appointment and VEVENT outside any transaction, if an
+    earlier booking of this provider and service was seen (else None: `book` builds them)."""
+    seen = _LAST_READ.get((request.provider_id, request.service_id))
+    if seen is None or request.recurrence is not None:
+        return None
+    provider, service = seen
+    if rules_from_json(service.rules).capacity > 1:
+        return None
     now = int(time.time()) if now is None else now
-    provider, service = provider_and_service(conn, request.provider_id, request.service_id)
-    needed = principals_for(service, provider)
-    if not set(needed) <= set(held):
-        raise LocksMissing(needed)
-    rules = rules_from_json(service.rules)
-    end_utc = request.start_utc + service.duration_minutes * MINUTE
+    appointment = _new_appointment(request, provider, service, now)
+    text, times = _event(appointment, provider, service, [appointment], manage_url_base)
+    return Prepared(provider, service, manage_url_base, appointment, text, times)
+
+
+def _new_appointment(
+    request: BookingRequest, provider: User, service: ServiceRecord, now: int
+) -> Appointment:
     appointment_id = str(uuid.uuid4())
-    manage_token = secrets.token_urlsafe(24)
-    appointment = Appointment(
+    return Appointment(
         id=appointment_id,
         service_id=service.id,
         provider_id=provider.id,
@@ -149,7 +172,7 @@ def book(
         client_email=request.client.email,
         client_timezone=request.client.timezone,
         start_utc=request.start_utc,
-        end_utc=end_utc,
+        end_utc=request.start_utc + service.duration_minutes * MINUTE,
         timezone=provider.timezone,
         recurrence=request.recurrence.rrule(provider.timezone) if request.recurrence else None,
         status="confirmed",
@@ -158,26 +181,57 @@ def book(
         event_href=f"{appointment_id}.ics",
         sequence=0,
         confirmation_code=secrets.token_hex(4).upper(),
-        manage_token=manage_token,
+        manage_token=secrets.token_urlsafe(24),
         cancellation_reason=None,
         created_at=now,
         updated_at=now,
     )
-    attendees = [appointment]
-    if rules.capacity > 1 and not request.recurrence:
-        # A group slot: one VEVENT, one ATTENDEE per booking, never more than `capacity`.
-        members = store.group_members(conn, service.id, provider.id, appointment.start_utc)
-        if len(members) >= rules.capacity:
-            raise SlotTaken(f"all {rules.capacity} places at this time are taken")
-        if members:  # join the event the first booking made
-            appointment = dataclasses.replace(
-                appointment,
-                event_uid=members[0].event_uid,
-                event_href=members[0].event_href,
-                sequence=members[0].sequence,
-            )
-        attendees = [*members, appointment]
-    text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
+
+
+def book(
+    conn: Connection,
+    request: BookingRequest,
+    manage_url_base: str,
+    held: Sequence[str],
+    now: int | None = None,
+    prepared: Prepared | None = None,
+) -> Booked:
+    """Book one appointment (or a recurring series) atomically; see the module docstring.
+    `held` are the principals whose locks the transaction holds; `prepared`, from `prepare`."""
+    now = int(time.time()) if now is None else now
+    provider, service = provider_and_service(conn, request.provider_id, request.service_id)
+    if len(_LAST_READ) >= _LAST_READ_LIMIT:
+        _LAST_READ.clear()
+    _LAST_READ[(request.provider_id, request.service_id)] = (provider, service)
+    needed = principals_for(service, provider)
+    if not set(needed) <= set(held):
+        raise LocksMissing(needed)
+    rules = rules_from_json(service.rules)
+    if (
+        prepared is not None
+        and prepared.provider == provider
+        and prepared.service == service
+        and prepared.manage_url_base == manage_url_base
+    ):
+        appointment, text, times = prepared.appointment, prepared.text, prepared.times
+        attendees = [appointment]
+    else:
+        appointment = _new_appointment(request, provider, service, now)
+        attendees = [appointment]
+        if rules.capacity > 1 and not request.recurrence:
+            # A group slot: one VEVENT, one ATTENDEE per booking, never more than `capacity`.
+            members = store.group_members(conn, service.id, provider.id, appointment.start_utc)
+            if len(members) >= rules.capacity:
+                raise SlotTaken(f"all {rules.capacity} places at this time are taken")
+            if members:  # join the event the first booking made
+                appointment = dataclasses.replace(
+                    appointment,
+                    event_uid=members[0].event_uid,
+                    event_href=members[0].event_href,
+                    sequence=members[0].sequence,
+                )
+            attendees = [*members, appointment]
+        text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
     ignoring = appointment.event_uid if len(attendees) > 1 else None  # the group's own event
     owned = _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
     fresh = len(attendees) == 1  # a new event (not joining a group's): new UUID href and UID

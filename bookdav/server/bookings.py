@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from bookdav.booking import appointments as booking
 from bookdav.logs import log_event
-from bookdav.server.keys import DATABASE
+from bookdav.server.keys import DATABASE, SETTINGS
 
 T = TypeVar("T")
 log = logging.getLogger("bookdav.booking")
@@ -49,14 +49,15 @@ IN_FLIGHT = web.AppKey("bookings_in_flight", InFlight)
 async def write_booking(
     request: web.Request,
     wanted: booking.BookingRequest,
-    unit_of_work: Callable[[Connection, Sequence[str]], T],
+    unit_of_work: Callable[[Connection, Sequence[str], booking.Prepared | None], T],
     principals: Sequence[str],
     *,
     shortcut: bool = True,
     learned: Callable[[list[str]], None] | None = None,
 ) -> T:
-    """Run `unit_of_work(conn, principals)` (which calls `booking.book`) holding the principals'
-    locks. Contended, and unless `shortcut` is off, `booking.refuse_early` first raises `SlotTaken`
+    """Run `unit_of_work(conn, principals, prepared)` (which calls `booking.book`, passing
+    `prepared` on) holding the principals' locks. The appointment and its VEVENT are prepared
+    here first when they can be (`booking.prepare`), so the writer has less to do under the lock. Contended, and unless `shortcut` is off, `booking.refuse_early` first raises `SlotTaken`
     for a slot already gone; `LocksMissing` runs it once more with the locks it names (passed to
     `learned`, for a cache)."""
     database = request.app[DATABASE]
@@ -69,9 +70,14 @@ async def write_booking(
                     log, "booking refused early", provider_id=wanted.provider_id, reason=str(exc)
                 )
                 raise
+        prepared = booking.prepare(wanted, request.app[SETTINGS].public_base_url)
         try:
-            return await database.run_write(unit_of_work, principals, principals=principals)
+            return await database.run_write(
+                unit_of_work, principals, prepared, principals=principals
+            )
         except booking.LocksMissing as exc:
             if learned is not None:
                 learned(exc.needed)
-            return await database.run_write(unit_of_work, exc.needed, principals=exc.needed)
+            return await database.run_write(
+                unit_of_work, exc.needed, prepared, principals=exc.needed
+            )

@@ -292,8 +292,10 @@ async def book(request: web.Request) -> web.StreamResponse:
     )
     base_url = _base_url(request)
 
-    def unit_of_work(conn: Connection, principals: Sequence[str]) -> booking.Booked:
-        return booking.book(conn, wanted, base_url, principals)
+    def unit_of_work(
+        conn: Connection, principals: Sequence[str], prepared: booking.Prepared | None
+    ) -> booking.Booked:
+        return booking.book(conn, wanted, base_url, principals, prepared=prepared)
 
     try:
         booked = await write_booking(

@@ -170,14 +170,16 @@ async def create_appointment(request: web.Request) -> web.Response:
     cache = request.app[PRINCIPALS]
     principals = await cache.principals(request, provider_id, service_id)
 
-    def unit_of_work(conn: Connection, principals: Sequence[str]) -> tuple[int, str]:
+    def unit_of_work(
+        conn: Connection, principals: Sequence[str], prepared: booking.Prepared | None
+    ) -> tuple[int, str]:
         if key is not None:
             stored = store.stored_response(conn, scope)
             if stored is not None:
                 if stored[0] != fingerprint:
                     raise PolicyViolation("this Idempotency-Key was used for another request")
                 return stored[1], stored[2]
-        booked = booking.book(conn, booking_request, base_url, principals)
+        booked = booking.book(conn, booking_request, base_url, principals, prepared=prepared)
         answer = json.dumps(appointment_json(booked.appointment, base_url))
         if key is not None:
             try:
