@@ -139,6 +139,20 @@ def test_a_booking_prepared_from_a_service_that_changed_since_is_built_again(
     assert event_summary(provider, second["appointmentId"]) == "SUMMARY:Second opinion: Ann Example"
     third = book(provider, _api_instant(monday, 11)).json()  # prepared from the new name
     assert event_summary(provider, third["appointmentId"]) == "SUMMARY:Second opinion: Ann Example"
+    with database_for(provider.server.database_url).read() as conn:
+        kinds = conn.execute(
+            select(outbox.c.appointment_id, outbox.c.kind).where(
+                outbox.c.appointment_id.in_([first["appointmentId"], third["appointmentId"]])
+            )
+        ).all()
+    # Built before the transaction or in it, a booking owes the same rows.
+    for appointment_id in (first["appointmentId"], third["appointmentId"]):
+        assert sorted(kind for owner, kind in kinds if owner == appointment_id) == [
+            "client.imip",
+            "client.reminder",
+            "client.reminder",
+            "provider.notice",
+        ]
 
 
 def test_the_event_shows_in_sync_collection_right_after_the_201(provider: Provider) -> None:

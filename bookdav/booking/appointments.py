@@ -135,6 +135,7 @@ class Prepared:
     appointment: Appointment
     text: str
     times: occ.ItemTimes
+    planned: Planned
 
 
 # (provider id, service id) -> the provider and service the last booking read under its lock.
@@ -156,7 +157,8 @@ def prepare(
     now = int(time.time()) if now is None else now
     appointment = _new_appointment(request, provider, service, now)
     text, times = _event(appointment, provider, service, [appointment], manage_url_base)
-    return Prepared(provider, service, manage_url_base, appointment, text, times)
+    planned = _planned(appointment, service, now)
+    return Prepared(provider, service, manage_url_base, appointment, text, times, planned)
 
 
 def _new_appointment(
@@ -214,8 +216,9 @@ def book(
         and prepared.manage_url_base == manage_url_base
     ):
         appointment, text, times = prepared.appointment, prepared.text, prepared.times
-        attendees = [appointment]
+        attendees, planned = [appointment], prepared.planned
     else:
+        planned = None
         appointment = _new_appointment(request, provider, service, now)
         attendees = [appointment]
         if rules.capacity > 1 and not request.recurrence:
@@ -237,7 +240,7 @@ def book(
     fresh = len(attendees) == 1  # a new event (not joining a group's): new UUID href and UID
     _write_event(conn, provider, service, appointment, text, times, owned, fresh=fresh)
     store.insert_appointment(conn, appointment)
-    _announce(conn, "appointment.created", appointment, service)
+    _announce(conn, "appointment.created", appointment, service, planned)
     return Booked(appointment, service, provider)
 
 
@@ -644,22 +647,56 @@ def _write_event(
 
 
 def _announce(
-    conn: Connection, event: str, appointment: Appointment, service: ServiceRecord | None = None
+    conn: Connection,
+    event: str,
+    appointment: Appointment,
+    service: ServiceRecord | None = None,
+    planned: Planned | None = None,
 ) -> None:
     """Every outbox row the change owes, in one statement of the same transaction: the client's
     invitation and the provider's notice, each destination calendar's write, the reminders and the
-    webhook deliveries. `service`: the appointment's, if the caller has it."""
-    now = int(time.time())
-    payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
+    webhook deliveries. `service`: the appointment's, if the caller has it; `planned`: the rows
+    that need no reading, if built already (`_planned`)."""
+    now = planned.now if planned else int(time.time())
     rows = [
-        store.outbox_row("client.imip", appointment.id, payload, now=now),
-        store.outbox_row("provider.notice", appointment.id, payload, now=now),
+        *(planned.messages if planned else _messages(event, appointment, now)),
         *push.destination_rows(conn, event, appointment, now),
         *notify_plan.rows_after_change(
-            conn, event, appointment, now, service.notifications if service else None
+            conn,
+            event,
+            appointment,
+            now,
+            service.notifications if service else None,
+            reminders=planned.reminders if planned else None,
         ),
     ]
     store.insert_outbox_rows(conn, rows)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The outbox rows of a new single appointment that need nothing read: built with it."""
+
+    now: int
+    messages: list[dict[str, Any]]
+    reminders: list[dict[str, Any]]
+
+
+def _messages(event: str, appointment: Appointment, now: int) -> list[dict[str, Any]]:
+    """The client's invitation and the provider's notice."""
+    payload = {"event": event, "appointmentId": appointment.id, "sequence": appointment.sequence}
+    return [
+        store.outbox_row("client.imip", appointment.id, payload, now=now),
+        store.outbox_row("provider.notice", appointment.id, payload, now=now),
+    ]
+
+
+def _planned(appointment: Appointment, service: ServiceRecord, now: int) -> Planned:
+    return Planned(
+        now,
+        _messages("appointment.created", appointment, now),
+        notify_plan.single_reminder_rows(appointment, now, service.notifications),
+    )
 
 
 def may_see(user: User | None, appointment: Appointment, code: str | None) -> bool:

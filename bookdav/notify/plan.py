@@ -82,6 +82,10 @@ def reminder_offsets(
     the service's settings if the caller has them (saves reading them again)."""
     if overrides is None:
         overrides = service_overrides(conn, service_id)
+    return _offsets_from(overrides)
+
+
+def _offsets_from(overrides: dict[str, Any]) -> tuple[int, ...]:
     chosen = overrides.get("reminderMinutes")
     if isinstance(chosen, list) and all(isinstance(m, int) for m in chosen):
         return tuple(sorted(set(chosen), reverse=True))
@@ -143,8 +147,27 @@ def reminder_rows(
     horizon = now + max(offsets) * 60 + PLAN_AHEAD_SECONDS
     if not appointment.recurrence:
         horizon = max(horizon, appointment.start_utc + 1)
+    return _reminder_rows(
+        appointment, now, offsets, occurrence_starts(conn, appointment, now, horizon)
+    )
+
+
+def single_reminder_rows(
+    appointment: Appointment, now: int, overrides: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """`reminder_rows` of a confirmed single (not recurring) appointment whose service's settings
+    the caller has: nothing to read, so it can be built before the transaction."""
+    assert appointment.status == "confirmed" and not appointment.recurrence
+    offsets = _offsets_from(overrides)
+    starts = [appointment.start_utc] if now <= appointment.start_utc else []
+    return _reminder_rows(appointment, now, offsets, starts) if offsets else []
+
+
+def _reminder_rows(
+    appointment: Appointment, now: int, offsets: tuple[int, ...], starts: list[int]
+) -> list[dict[str, Any]]:
     rows = []
-    for occurrence_utc in occurrence_starts(conn, appointment, now, horizon):
+    for occurrence_utc in starts:
         for offset in offsets:
             due = occurrence_utc - offset * 60
             if due < now - 60:
@@ -233,16 +256,19 @@ def rows_after_change(
     appointment: Appointment,
     now: int,
     overrides: dict[str, Any] | None = None,
+    reminders: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """For the booking transaction (`booking.appointments._announce` inserts them with the iMIP
     rows, in one statement): reminders for the new state (the old state's are superseded by the
-    sequence), and the webhook deliveries. `overrides`: the service's settings, if at hand."""
-    rows = (
-        reminder_rows(conn, appointment, now, overrides)
-        if appointment.status == "confirmed"
-        else []
-    )
-    return rows + webhook_rows(conn, event, appointment, now)
+    sequence), and the webhook deliveries. `overrides`: the service's settings, if at hand;
+    `reminders`: the reminder rows, if built already (`single_reminder_rows`)."""
+    if reminders is None:
+        reminders = (
+            reminder_rows(conn, appointment, now, overrides)
+            if appointment.status == "confirmed"
+            else []
+        )
+    return reminders + webhook_rows(conn, event, appointment, now)
 
 
 def replan_service_reminders(conn: Connection, service_id: str, now: int | None = None) -> int:
