@@ -579,8 +579,9 @@ def test_free_busy_follows_a_change_at_once(dav_server: RunningServer, provider:
     assert "FBTYPE" not in cal.request("REPORT", body=body).text
 
 
-def test_other_reports_still_reach_radicale(filled: Calendar) -> None:
-    """A calendar-query without expand and a sync-collection are Radicale's, unchanged."""
+def test_a_plain_query_and_a_sync_collection_answer_whole(filled: Calendar) -> None:
+    """A calendar-query without expand (our fast path, see docs/architecture.md) and a
+    sync-collection answer every event they should."""
     plain = expand_body(*WEEK).replace(
         '<C:expand start="20310602T000000Z" end="20310609T000000Z"/>', ""
     )
