@@ -161,6 +161,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(find_config_path(getattr(args, "config", None)), overrides=overrides)
 
 
+def _in_memory(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
 def _display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
@@ -294,6 +299,11 @@ def _bootstrap_admin(database: Database) -> None:
 def _serve(settings: Settings, demo: bool = False) -> int:
     # Claim the port first: a port in use fails before anything is written to the database.
     processes = settings.get("server", "processes")
+    if processes > 1 and _in_memory(settings.storage_url):
+        raise ConfigError(
+            "[server] processes: several processes need a database they can share "
+            "(a SQLite file or PostgreSQL), not an in-memory SQLite database"
+        )
     listener = _listen(
         settings.get("server", "host"), settings.get("server", "port"), reuse_port=processes > 1
     )

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, start_server, write_config
 from tests.test_appointments import _api_instant, booking_body, count_bookings
 from tests.test_availability import make_provider, next_monday, stamp, vevent
 from tests.test_multiprocess import fresh_postgres_database
+from tests.test_server import assert_clean_failure, run_bookdav
 
 RACERS = 120
 
@@ -145,3 +146,11 @@ def test_the_sibling_ends_with_the_first_process(tmp_path: Path) -> None:
     os.kill(killed.process.pid, signal.SIGKILL)
     killed.process.wait()
     assert _wait_gone(siblings, 15), "a sibling outlived the process that started it"
+
+
+def test_several_processes_on_an_in_memory_database_are_refused(tmp_path: Path) -> None:
+    """Each process would have a database of its own: a clear error, not two diverging servers."""
+    config = write_config(tmp_path, database_url="sqlite:///:memory:", server="processes = 2")
+    result = run_bookdav("serve", "--config", str(config))
+    assert_clean_failure(result, "[server] processes")
+    assert result.returncode == 2
