@@ -69,6 +69,15 @@ def reminder_rows(server: RunningServer, appointment_id: str) -> list[Any]:
         )
 
 
+def superseded_reminder(server: RunningServer, appointment_id: str) -> Any:
+    """Wait for the appointment's one reminder row to be superseded; return it."""
+    [row] = wait_for(
+        lambda: [r for r in reminder_rows(server, appointment_id) if r.status == "superseded"],
+        "the reminder superseded",
+    )
+    return row
+
+
 def make_due(server: RunningServer, appointment_id: str) -> None:
     """What waiting until the reminder's time would do."""
     with database_for(server.database_url).write() as conn:
@@ -139,14 +148,7 @@ def test_a_cancelled_appointment_gets_no_reminder(
     url = f"{reminder_server.base_url}/api/v1/appointments/{booked['appointmentId']}"
     assert requests.delete(url, auth=provider.auth).status_code == 200
     make_due(reminder_server, booked["appointmentId"])
-    [row] = wait_for(
-        lambda: [
-            r
-            for r in reminder_rows(reminder_server, booked["appointmentId"])
-            if r.status == "superseded"
-        ],
-        "the reminder superseded",
-    )
+    row = superseded_reminder(reminder_server, booked["appointmentId"])
     assert "cancelled" in row.last_error
     wait_for(lambda: len(messages_to(smtp[1], address)) == 2, "invitation and cancellation")
     assert reminders_to(smtp[1], address) == []
@@ -305,13 +307,6 @@ def test_a_reminder_whose_offset_the_service_dropped_is_not_sent(
             )
         )
     make_due(reminder_server, booked["appointmentId"])
-    [row] = wait_for(
-        lambda: [
-            r
-            for r in reminder_rows(reminder_server, booked["appointmentId"])
-            if r.status == "superseded"
-        ],
-        "the reminder superseded",
-    )
+    row = superseded_reminder(reminder_server, booked["appointmentId"])
     assert "offsets changed" in row.last_error
     assert reminders_to(smtp[1], address) == []
