@@ -658,6 +658,32 @@ def test_a_put_or_delete_is_seen_by_the_next_report(
     assert "fresh.ics" not in answer and "20310603T" not in answer
 
 
+@pytest.mark.parametrize("kind", ["plain", "expand"])
+def test_a_remembered_answer_gives_way_to_a_write_from_another_process(
+    dav_server: RunningServer, provider: str, kind: str
+) -> None:
+    """A calendar-query asked twice is answered whole from memory the second time; an event
+    written straight into the database (as a second bookdav process or the booking engine
+    writes, unseen by this server) is in the very next answer: the calendar's revision, read in
+    the answering snapshot, is part of what the answer is remembered under."""
+    name = f"elsewhere-{uuid.uuid4().hex[:6]}"
+    cal = make_calendar(dav_server, provider, name)
+    body = plain_body(*WEEK) if kind == "plain" else expand_body(*WEEK)
+    cal.put("first", EVENTS["single"])
+    for _ in range(2):
+        assert list(responses(cal.request("REPORT", body=body, Depth="1").text)) == [
+            f"{cal.path}first.ics"
+        ]
+    text = calendar(vevent("second", "DTSTART:20310604T090000Z", "DTEND:20310604T100000Z"))
+    database = database_for(dav_server.database_url)
+    with database.write([provider]) as conn:
+        collection = calendars.get_collection(conn, f"{provider}/{name}")
+        assert collection is not None
+        calendars.put_item(conn, collection, "second.ics", text)
+    answer = responses(cal.request("REPORT", body=body, Depth="1").text)
+    assert sorted(answer) == [f"{cal.path}first.ics", f"{cal.path}second.ics"]
+
+
 def test_same_event_in_two_calendars_answers_with_each_ones_href(
     dav_server: RunningServer, provider: str
 ) -> None:

@@ -85,6 +85,11 @@ class _Memo:
 
 
 _PLAIN_FREE_BUSY = _Memo(100_000)
+# Whole calendar-query answers (and free-busy periods), keyed by the calendar's (id,
+# incarnation, revision) as the answering read sees it plus the path and the request body. Every write to a calendar, from any
+# process, raises its revision in the writing transaction (as the slot cache relies on), so a
+# changed calendar is a new key and an unchanged one answers without touching its items.
+_ANSWERS = _Memo(16 * 1024 * 1024)
 # Each calendar-query item's whole `<response>` as UTF-8, with what Radicale's limits count:
 # keyed by (scope of the query, href, ETag[, indexed until]), bounded at 32 MiB of fragments.
 _FRAGMENTS = _Memo(32 * 1024 * 1024)
@@ -141,8 +146,24 @@ Query = FreeBusyQuery | CalendarQuery | SyncQuery
 SYNC_PROPS = frozenset({_clark("D:getetag"), _clark("D:getcontenttype")})
 
 
+# Parsed REPORT bodies: a calendar app sends the same few again and again.
+_QUERIES = _Memo(1_000)
+_NOT_OURS = object()
+_QUERY_BODY_LIMIT = 8192
+
+
 def recognise(body: bytes) -> Query | None:
-    """The fast-path query this REPORT body is, or None for anything else (Radicale answers)."""
+    """The fast-path query this REPORT body is, or None for anything else (Radicale answers).
+    Remembered per body: the query objects are never changed once made."""
+    known = _QUERIES.get(body)
+    if known is None:
+        known = _recognise(body)
+        if len(body) <= _QUERY_BODY_LIMIT:
+            _QUERIES.put(body, _NOT_OURS if known is None else known)
+    return None if known is _NOT_OURS else known
+
+
+def _recognise(body: bytes) -> Query | None:
     try:
         root = DefusedET.fromstring(body)
     except Exception:  # malformed or hostile XML: Radicale answers it (400)
@@ -458,7 +479,18 @@ def free_busy_text(
     query: FreeBusyQuery,
     max_occurrence: int,
 ) -> str:
-    """RFC 4791 section 7.10 VFREEBUSY for one calendar, as Radicale's free-busy report writes it.
+    """RFC 4791 section 7.10 VFREEBUSY for one calendar, as Radicale's free-busy report writes it
+    (stamped now)."""
+    return stamped_free_busy(free_busy_lines(conn, collection, query, max_occurrence), query)
+
+
+def free_busy_lines(
+    conn: Connection,
+    collection: calendars.Collection,
+    query: FreeBusyQuery,
+    max_occurrence: int,
+) -> str:
+    """The FREEBUSY lines of `free_busy_text`: all of its answer that depends on the calendar.
 
     Candidates are exactly what Radicale would get from our storage plugin. Busy time of plain
     items (see `_plain_free_busy`) comes from the index; other items go through Radicale's own
@@ -507,7 +539,7 @@ def free_busy_text(
         except Exception as exc:  # Radicale answers (400) for what its own code rejects
             raise FallThrough(str(exc)) from exc
         periods.extend((_seconds(s), _seconds(e), fbtype) for s, e, fbtype in found)
-    return render_free_busy(periods, query)
+    return _free_busy_lines(periods)
 
 
 _INSTANCES_WITH_VERSIONS = (
@@ -593,21 +625,22 @@ def _free_busy_filter(query: FreeBusyQuery) -> ET.Element:
     return filter_element
 
 
-def render_free_busy(periods: list[tuple[int, int, str]], query: FreeBusyQuery) -> str:
-    """Radicale's `render_freebusy` output, without building hundreds of vobject lines: the
-    envelope comes from Radicale's renderer, the merged FREEBUSY lines are written here."""
-    envelope = _free_busy_envelope(query)
+def stamped_free_busy(lines: str, query: FreeBusyQuery) -> str:
+    """The VFREEBUSY around `lines`, stamped with the current DTSTAMP."""
+    head, _, tail = _free_busy_envelope(query).rpartition("END:VFREEBUSY\r\n")
+    return f"{head}{lines}END:VFREEBUSY\r\n{tail}"
+
+
+def _free_busy_lines(periods: list[tuple[int, int, str]]) -> str:
     # Radicale's own merge (per FBTYPE, touching periods joined); it only compares the bounds,
     # so epoch seconds do as well as its datetimes.
     merged: list[tuple[int, int, str]] = radicale_report._merge_freebusy_periods(
         [p for p in periods if p[1] > p[0]]  # type: ignore[misc]
     )  # type: ignore[assignment]
-    lines = "".join(
+    return "".join(
         f"FREEBUSY;FBTYPE={fbtype}:{_utc_text(start)}/{_utc_text(end)}\r\n"
         for start, end, fbtype in merged
     )
-    head, _, tail = envelope.rpartition("END:VFREEBUSY\r\n")
-    return f"{head}{lines}END:VFREEBUSY\r\n{tail}"
 
 
 _ENVELOPES = _Memo(1_000)
@@ -1037,7 +1070,7 @@ async def answer_report(
     try:
         # The credentials, the calendar and the answer in one read on one thread.
         answer = await request.app[DATABASE].run_read(
-            _answer_unit, check, credentials, path, query, prefix, limit
+            _answer_unit, check, credentials, path, body, query, prefix, limit
         )
         if answer is None:
             return None
@@ -1045,7 +1078,7 @@ async def answer_report(
         return None
     except OverLimit:
         # Radicale's own answer to its limit (httputils.BAD_REQUEST), for the owner only.
-        return _response(request, b"Bad Request", "text/plain", application, status=400)
+        return _response(request, Answer(b"Bad Request"), "text/plain", application, status=400)
     if isinstance(query, FreeBusyQuery):
         return _response(request, answer, f"text/calendar; charset={ENCODING}", application)
     return _response(request, answer, f"text/xml; charset={ENCODING}", application)
@@ -1056,10 +1089,11 @@ def _answer_unit(
     check: CredentialCheck,
     credentials: tuple[str, str],
     path: str,
+    body: bytes,
     query: Query,
     prefix: str,
     limit: int,
-) -> bytes | None:
+) -> Answer | None:
     """The answer for the calendar's owner with valid credentials; None: Radicale answers."""
     user = check.verify(conn, *credentials)
     # Radicale's owner-only rights: a user reaches only their own calendars.
@@ -1068,11 +1102,38 @@ def _answer_unit(
     collection = calendars.get_collection(conn, path)
     if collection is None or collection.tag != "VCALENDAR":
         return None
-    if isinstance(query, FreeBusyQuery):
-        return free_busy_text(conn, collection, query, limit).encode(ENCODING)
     if isinstance(query, SyncQuery):
-        return sync_multistatus(conn, collection, query, prefix)
-    return calendar_query_multistatus(conn, collection, query, prefix, limit)
+        return Answer(sync_multistatus(conn, collection, query, prefix))
+    key = (collection.id, collection.incarnation, collection.revision, path, body, limit)
+    if isinstance(query, FreeBusyQuery):
+        # Its periods are remembered; the VFREEBUSY around them is stamped at each asking.
+        lines = _ANSWERS.get(key)
+        if lines is None:
+            lines = free_busy_lines(conn, collection, query, limit)
+            _ANSWERS.put(key, lines, len(lines) + len(body))
+        return Answer(stamped_free_busy(lines, query).encode(ENCODING))
+    answer = _ANSWERS.get(key)
+    if answer is None:
+        answer = Answer(calendar_query_multistatus(conn, collection, query, prefix, limit))
+        # Its cost: the answer, room for its gzip (about an eighth of it) and the request.
+        _ANSWERS.put(key, answer, len(answer.body) * 5 // 4 + len(body))
+    return answer
+
+
+class Answer:
+    """A REPORT's answer; its gzip is made once, so a remembered answer is compressed once."""
+
+    __slots__ = ("_gzipped", "body")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._gzipped: bytes | None = None
+
+    def gzipped(self) -> bytes:
+        if self._gzipped is None:
+            compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            self._gzipped = compressor.compress(self.body) + compressor.flush()
+        return self._gzipped
 
 
 def xml_bytes(element: ET.Element) -> bytes:
@@ -1082,22 +1143,22 @@ def xml_bytes(element: ET.Element) -> bytes:
 
 def _response(
     request: web.Request,
-    answer: bytes,
+    answer: Answer,
     content_type: str,
     application: radicale.Application,
     status: int | None = None,
 ) -> web.Response:
     """Headers as Radicale's: gzip when the client takes it, plus `[headers]` from its config."""
     headers = {"Content-Type": content_type}
+    body = answer.body
     accepted = {e.strip() for e in request.headers.get("Accept-Encoding", "").split(",")}
     if "gzip" in accepted:
-        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        answer = compressor.compress(answer) + compressor.flush()
+        body = answer.gzipped()
         headers["Content-Encoding"] = "gzip"
     headers.update(getattr(application, "_extra_headers", {}) or {})
     if status is None:
         status = 200 if content_type.startswith("text/calendar") else 207
-    response = web.Response(status=status, body=answer)
+    response = web.Response(status=status, body=body)
     response.headers.popall("Content-Type", None)
     for name, value in headers.items():
         response.headers[name] = value
