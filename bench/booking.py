@@ -32,7 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import replace_section, start_bookdav  # noqa: E402
+from bench.report import replace_section, server_errors, start_bookdav  # noqa: E402
 
 SECTION = "## Booking (issue 12)"
 PROVIDERS = 100
@@ -247,6 +247,7 @@ def measure(
             f"[server]\nport = 0\nprocesses = {processes}\n[storage]\nurl = {database_url}\n"
             "[booking]\nguest_bookings_per_minute = 0\n[logging]\nlevel = warning\n",
         )
+        result: dict[str, object] = {}
         try:
             print(f"[{backend}] setting up {PROVIDERS} providers ...", file=sys.stderr, flush=True)
             provider_ids, service_id = set_up(base_url, database_url)
@@ -283,7 +284,20 @@ def measure(
             process.terminate()
             process.wait()
             drop()
+            if any(status.startswith("5") for status in _statuses_seen(result)):
+                print(f"[{backend}] the server answered 5xx; its log says:", file=sys.stderr)
+                print(server_errors(Path(tmp)), file=sys.stderr, flush=True)
     return {"backend": backend, "processes": processes, **result}
+
+
+def _statuses_seen(result: dict[str, object]) -> list[str]:
+    """Every status the storm and the stampede got, as far as they got."""
+    statuses = result.get("statuses")
+    seen = list(statuses) if isinstance(statuses, dict) else []
+    stampede = result.get("stampede")
+    if isinstance(stampede, dict):
+        seen += list(stampede.get("statuses", {}))
+    return [str(status) for status in seen]
 
 
 def _database(backend: str, folder: Path) -> tuple[str, object]:

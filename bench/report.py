@@ -26,14 +26,14 @@ def replace_section(path: Path, heading: str, body: str) -> None:
 
 def start_bookdav(folder: Path, config: str) -> tuple[subprocess.Popen[str], str]:
     """`bookdav serve` with `config` (an INI text; use port = 0) in `folder`; returns the process
-    and its base URL, read from the start-up banner."""
+    and its base URL, read from the start-up banner. Its log goes to `folder`/bookdav.log."""
     path = folder / "config.ini"
     path.write_text(config, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOOKDAV_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "bookdav", "serve", "--config", str(path)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(folder / "bookdav.log").open("w"),
         text=True,
         env=env,
     )
@@ -42,3 +42,14 @@ def start_bookdav(folder: Path, config: str) -> tuple[subprocess.Popen[str], str
         if "listening on " in line:
             return process, line.rsplit("listening on ", 1)[1].strip()
     raise RuntimeError("bookdav did not start")
+
+
+def server_errors(folder: Path, limit: int = 40) -> str:
+    """The first error lines (and tracebacks) of the server's log in `folder`, for a bench that
+    saw a 5xx: it is printed, so a rare failure in a long run can be told, not guessed."""
+    path = folder / "bookdav.log"
+    if not path.exists():
+        return ""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    wanted = [line for line in lines if "error" in line.lower() or "traceback" in line.lower()]
+    return "\n".join(wanted[:limit])
