@@ -76,3 +76,19 @@ async def test_a_unit_that_conflicts_with_an_earlier_one_in_its_group_fails_alon
     assert outcomes[:2] == [1000, 1010]
     assert all(isinstance(o, Exception) and "UNIQUE" in str(o) for o in outcomes[2:])
     assert {100, 101} <= stored(database)
+
+
+async def test_a_unit_whose_caller_gave_up_before_it_ran_is_not_run(database: Database) -> None:
+    """A caller cancelled while its unit still waited for the writer has nothing written, and the
+    rest of the group is unaffected."""
+    gate = threading.Event()
+    held = asyncio.ensure_future(database.run_write(lambda conn: gate.wait(10)))
+    await asyncio.sleep(0.05)
+    units = {n: asyncio.ensure_future(database.run_write(mark, n)) for n in (200, 201, 202)}
+    await asyncio.sleep(0.05)
+    units[201].cancel()
+    gate.set()
+    await held
+    assert await units[200] == 2000 and await units[202] == 2020
+    assert units[201].cancelled()
+    assert stored(database) >= {200, 202} and 201 not in stored(database)
