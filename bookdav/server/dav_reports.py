@@ -86,9 +86,10 @@ class _Memo:
 
 _PLAIN_FREE_BUSY = _Memo(100_000)
 # Whole calendar-query answers (and free-busy periods), keyed by the calendar's (id,
-# incarnation, revision) as the answering read sees it plus the path and the request body. Every write to a calendar, from any
-# process, raises its revision in the writing transaction (as the slot cache relies on), so a
-# changed calendar is a new key and an unchanged one answers without touching its items.
+# incarnation, revision) as the answering read sees it plus the path and the request body.
+# Every write to a calendar, from any process, raises its revision in the writing transaction
+# (as the slot cache relies on), so a changed calendar is a new key and an unchanged one answers
+# without touching its items.
 _ANSWERS = _Memo(16 * 1024 * 1024)
 # Each calendar-query item's whole `<response>` as UTF-8, with what Radicale's limits count:
 # keyed by (scope of the query, href, ETag[, indexed until]), bounded at 32 MiB of fragments.
