@@ -1,11 +1,13 @@
 """Writing a booking, the same from every front (the JSON API and the booking page): the stampede
-shortcut for contended providers and the retry when the service gained a resource to lock."""
+shortcuts (a shared look per slot, an early look for contended providers) and the retry when the
+service gained a resource to lock."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from aiohttp import web
@@ -45,6 +47,76 @@ class InFlight:
 
 IN_FLIGHT = web.AppKey("bookings_in_flight", InFlight)
 
+SlotKey = tuple[str, str, int]  # provider id, service id, start
+
+
+class SlotGates:
+    """The booking of each single slot under way in this process, and the looks shared by the
+    bookings that queue behind it.
+
+    When hundreds of clients want one slot, the first is written and every other one waits here
+    for that write to end instead of queueing for the provider's write lock (where each would
+    re-check and hear 409 one at a time). Then one read looks at the slot for all of them: a look
+    that began after they arrived, as good as each one's own. A taken slot answers all of them
+    409 from that one read; if the slot is still free (the first booking failed) they go on to
+    the writer, which decides as always. Bookings of different slots never wait for each other."""
+
+    def __init__(self) -> None:
+        self._writing: dict[SlotKey, asyncio.Future[None]] = {}
+        self._looks: dict[SlotKey, asyncio.Future[BaseException | None]] = {}
+
+    def busy(self, key: SlotKey) -> bool:
+        """Whether a booking of this slot is being written in this process."""
+        return key in self._writing
+
+    @contextlib.asynccontextmanager
+    async def writing(
+        self, key: SlotKey, look: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """Wait for the booking of `key` under way (if any), look once it is done (raising
+        what `look` raises, as `booking.refuse_early` does), then hold the gate while writing."""
+        loop = asyncio.get_running_loop()
+        while (under_way := self._writing.get(key)) is not None:
+            await asyncio.shield(under_way)
+            outcome = await asyncio.shield(self._shared_look(key, look))
+            if isinstance(outcome, booking.SlotTaken | booking.NotBookable):
+                raise type(outcome)(outcome.detail, **outcome.extra)
+        gate: asyncio.Future[None] = loop.create_future()
+        self._writing[key] = gate
+        try:
+            yield
+        finally:
+            del self._writing[key]
+            gate.set_result(None)
+
+    def _shared_look(
+        self, key: SlotKey, look: Callable[[], Awaitable[None]]
+    ) -> asyncio.Future[BaseException | None]:
+        """The look at `key` begun after the write every waiter waited for ended: the first
+        waiter starts it, the others share it (it ends before any of them writes)."""
+        shared = self._looks.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._look(key, look))
+            self._looks[key] = shared
+        return shared
+
+    async def _look(
+        self, key: SlotKey, look: Callable[[], Awaitable[None]]
+    ) -> BaseException | None:
+        try:
+            await look()
+            return None
+        except (booking.SlotTaken, booking.NotBookable) as exc:
+            return exc  # logged by `look`
+        except Exception as exc:  # any other failure: each waiter goes on to the writer
+            log_event(log, "shared slot look failed", reason=str(exc))
+            return None
+        finally:
+            del self._looks[key]
+
+
+SLOT_GATES = web.AppKey("booking_slot_gates", SlotGates)
+
 
 async def write_booking(
     request: web.Request,
@@ -56,28 +128,47 @@ async def write_booking(
     learned: Callable[[list[str]], None] | None = None,
 ) -> T:
     """Run `unit_of_work(conn, principals, prepared)` (which calls `booking.book`, passing
-    `prepared` on) holding the principals' locks. The appointment and its VEVENT are prepared
-    here first when they can be (`booking.prepare`), so the writer has less to do under the lock. Contended, and unless `shortcut` is off, `booking.refuse_early` first raises `SlotTaken`
-    for a slot already gone; `LocksMissing` runs it once more with the locks it names (passed to
-    `learned`, for a cache)."""
+    `prepared` on) holding the principals' locks; the appointment and its VEVENT are prepared
+    first when they can be (`booking.prepare`), so the writer has less to do under the lock.
+
+    Unless `shortcut` is off (a keyed retry may be owed its stored 201) or it is a series: a
+    booking of a slot whose booking is under way in this process waits for it and hears the
+    shared look's answer (`SlotGates`); one arriving while another slot of the provider is being
+    booked first looks on its own (`booking.refuse_early`). Either only ever answers an early
+    409/422; the writer decides. `LocksMissing` runs the unit once more with the locks it names
+    (passed to `learned`, for a cache)."""
     database = request.app[DATABASE]
-    with request.app[IN_FLIGHT].booking(wanted.provider_id) as contended:
-        if contended and shortcut:
-            try:
-                await database.run_read(booking.refuse_early, wanted)
-            except (booking.SlotTaken, booking.NotBookable) as exc:
-                log_event(
-                    log, "booking refused early", provider_id=wanted.provider_id, reason=str(exc)
-                )
-                raise
-        prepared = booking.prepare(wanted, request.app[SETTINGS].public_base_url)
+    gates = request.app[SLOT_GATES]
+
+    async def look() -> None:
         try:
-            return await database.run_write(
-                unit_of_work, principals, prepared, principals=principals
-            )
-        except booking.LocksMissing as exc:
-            if learned is not None:
-                learned(exc.needed)
-            return await database.run_write(
-                unit_of_work, exc.needed, prepared, principals=exc.needed
-            )
+            await database.run_read(booking.refuse_early, wanted)
+        except (booking.SlotTaken, booking.NotBookable) as exc:
+            log_event(log, "booking refused early", provider_id=wanted.provider_id, reason=str(exc))
+            raise
+
+    key = (wanted.provider_id, wanted.service_id, wanted.start_utc)
+    with request.app[IN_FLIGHT].booking(wanted.provider_id) as contended:
+        if not shortcut or wanted.recurrence is not None:
+            return await _write(request, wanted, unit_of_work, principals, learned)
+        if contended and not gates.busy(key):
+            await look()  # another slot of the provider is being booked: a look of its own
+        async with gates.writing(key, look):
+            return await _write(request, wanted, unit_of_work, principals, learned)
+
+
+async def _write(
+    request: web.Request,
+    wanted: booking.BookingRequest,
+    unit_of_work: Callable[[Connection, Sequence[str], booking.Prepared | None], T],
+    principals: Sequence[str],
+    learned: Callable[[list[str]], None] | None,
+) -> T:
+    database = request.app[DATABASE]
+    prepared = booking.prepare(wanted, request.app[SETTINGS].public_base_url)
+    try:
+        return await database.run_write(unit_of_work, principals, prepared, principals=principals)
+    except booking.LocksMissing as exc:
+        if learned is not None:
+            learned(exc.needed)
+        return await database.run_write(unit_of_work, exc.needed, prepared, principals=exc.needed)

@@ -14,7 +14,7 @@ from bookdav.server.api import (
     users,
     webhooks,
 )
-from bookdav.server.bookings import IN_FLIGHT, InFlight
+from bookdav.server.bookings import IN_FLIGHT, SLOT_GATES, InFlight, SlotGates
 from bookdav.server.keys import SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 
@@ -34,6 +34,7 @@ def add_routes(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[appointments.PRINCIPALS] = appointments.PrincipalCache()
     app[IN_FLIGHT] = InFlight()
+    app[SLOT_GATES] = SlotGates()
     app[appointments.GUEST_LIMITER] = RateLimiter(
         settings.get("booking", "guest_bookings_per_minute")
     )
