@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bookdav.booking import appointments as booking
 from bookdav.server.bookings import SlotGates
 
@@ -23,9 +25,11 @@ class Slot:
         self.failing_writes = failing_writes
 
     async def look(self) -> None:
+        """A read: it sees the slot as it was when it began."""
         self.looks += 1
+        taken = self.taken
         await asyncio.sleep(0.01)
-        if self.taken:
+        if taken:
             raise booking.SlotTaken("this time is no longer free")
 
     async def book(self, gates: SlotGates) -> str:
@@ -62,3 +66,19 @@ async def test_a_booking_arriving_after_the_write_does_not_wait() -> None:
     slot.taken = False  # cancelled meanwhile: the slot is free again
     assert await slot.book(gates) == "booked"
     assert slot.looks == 0  # nothing was under way: no look, the writer decides
+
+
+async def test_who_asks_while_a_look_runs_gets_the_next_look() -> None:
+    """A look is shared only by those who asked before it began: asking while one runs (it may
+    have read the slot free just before it was taken) waits for the next one."""
+    slot, gates = Slot(), SlotGates()
+    first = asyncio.ensure_future(gates.look(KEY, slot.look))
+    await asyncio.sleep(0.003)  # the first look has begun and read the slot free
+    slot.taken = True
+    second = asyncio.ensure_future(gates.look(KEY, slot.look))
+    third = asyncio.ensure_future(gates.look(KEY, slot.look))
+    await first
+    for later in (second, third):
+        with pytest.raises(booking.SlotTaken):
+            await later
+    assert slot.looks == 2  # the second and the third shared the next look

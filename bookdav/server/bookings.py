@@ -50,37 +50,58 @@ IN_FLIGHT = web.AppKey("bookings_in_flight", InFlight)
 SlotKey = tuple[str, str, int]  # provider id, service id, start
 
 
+Outcome = BaseException | None  # what a look found: the refusal to repeat, or None (go on)
+
+
+class _Looks:
+    """The looks at one slot: the next one to begin (shared by all who ask until it does) and
+    the task that runs them one after the other."""
+
+    __slots__ = ("next", "task")
+
+    def __init__(self) -> None:
+        self.next: asyncio.Future[Outcome] | None = None
+        self.task: asyncio.Future[None] | None = None
+
+
 class SlotGates:
-    """The booking of each single slot under way in this process, and the looks shared by the
-    bookings that queue behind it.
+    """The booking of each single slot under way in this process, and looks at a slot shared by
+    the bookings that want it meanwhile.
 
     When hundreds of clients want one slot, the first is written and every other one waits here
     for that write to end instead of queueing for the provider's write lock (where each would
-    re-check and hear 409 one at a time). Then one read looks at the slot for all of them: a look
-    that began after they arrived, as good as each one's own. A taken slot answers all of them
-    409 from that one read; if the slot is still free (the first booking failed) they go on to
-    the writer, which decides as always. Bookings of different slots never wait for each other."""
+    re-check and hear 409 one at a time). Then one read looks at the slot for all of them. A look
+    is shared only by bookings that asked before it began, so each hears what a look of its own
+    would have said: who asks while one runs gets the next, which starts when it ends. A taken
+    slot answers them all 409 from that one read; if it is still free (the first booking failed)
+    they go on to the writer, which decides as always. Bookings of different slots never wait
+    for each other."""
 
     def __init__(self) -> None:
         self._writing: dict[SlotKey, asyncio.Future[None]] = {}
-        self._looks: dict[SlotKey, asyncio.Future[BaseException | None]] = {}
+        self._looks: dict[SlotKey, _Looks] = {}
 
     def busy(self, key: SlotKey) -> bool:
         """Whether a booking of this slot is being written in this process."""
         return key in self._writing
 
+    async def look(self, key: SlotKey, look: Callable[[], Awaitable[None]]) -> None:
+        """Raise what a look at `key` begun no earlier than now raises (`booking.SlotTaken`,
+        `booking.NotBookable`); `look` runs it, unless a look asked for meanwhile does."""
+        outcome = await asyncio.shield(self._look_from_now(key, look))
+        if isinstance(outcome, booking.SlotTaken | booking.NotBookable):
+            raise type(outcome)(outcome.detail, **outcome.extra)
+
     @contextlib.asynccontextmanager
     async def writing(
         self, key: SlotKey, look: Callable[[], Awaitable[None]]
     ) -> AsyncIterator[None]:
-        """Wait for the booking of `key` under way (if any), look once it is done (raising
-        what `look` raises, as `booking.refuse_early` does), then hold the gate while writing."""
+        """Wait for the booking of `key` under way (if any) and look once it is done (raising
+        as `look` does), then hold the gate while writing."""
         loop = asyncio.get_running_loop()
         while (under_way := self._writing.get(key)) is not None:
             await asyncio.shield(under_way)
-            outcome = await asyncio.shield(self._shared_look(key, look))
-            if isinstance(outcome, booking.SlotTaken | booking.NotBookable):
-                raise type(outcome)(outcome.detail, **outcome.extra)
+            await self.look(key, look)
         gate: asyncio.Future[None] = loop.create_future()
         self._writing[key] = gate
         try:
@@ -89,30 +110,43 @@ class SlotGates:
             del self._writing[key]
             gate.set_result(None)
 
-    def _shared_look(
+    def _look_from_now(
         self, key: SlotKey, look: Callable[[], Awaitable[None]]
-    ) -> asyncio.Future[BaseException | None]:
-        """The look at `key` begun after the write every waiter waited for ended: the first
-        waiter starts it, the others share it (it ends before any of them writes)."""
-        shared = self._looks.get(key)
-        if shared is None:
-            shared = asyncio.ensure_future(self._look(key, look))
-            self._looks[key] = shared
-        return shared
+    ) -> asyncio.Future[Outcome]:
+        """The outcome of a look at `key` that begins no earlier than now: the next one to
+        begin, shared by all who ask until it does."""
+        looks = self._looks.get(key)
+        if looks is None:
+            looks = self._looks[key] = _Looks()
+            looks.task = asyncio.ensure_future(self._run_looks(key, looks, look))
+        if looks.next is None:
+            looks.next = asyncio.get_running_loop().create_future()
+        return looks.next
 
-    async def _look(
-        self, key: SlotKey, look: Callable[[], Awaitable[None]]
-    ) -> BaseException | None:
+    async def _run_looks(
+        self, key: SlotKey, looks: _Looks, look: Callable[[], Awaitable[None]]
+    ) -> None:
+        current: asyncio.Future[Outcome] | None = None
         try:
-            await look()
-            return None
-        except (booking.SlotTaken, booking.NotBookable) as exc:
-            return exc  # logged by `look`
-        except Exception as exc:  # any other failure: each waiter goes on to the writer
-            log_event(log, "shared slot look failed", reason=str(exc))
-            return None
+            while looks.next is not None:
+                current, looks.next = looks.next, None  # it begins now: later askers wait
+                current.set_result(await _outcome_of(look))
         finally:
             del self._looks[key]
+            for pending in (current, looks.next):
+                if pending is not None and not pending.done():
+                    pending.cancel()  # the server is shutting down
+
+
+async def _outcome_of(look: Callable[[], Awaitable[None]]) -> Outcome:
+    try:
+        await look()
+        return None
+    except (booking.SlotTaken, booking.NotBookable) as exc:
+        return exc  # logged by the look itself
+    except Exception as exc:  # any other failure: whoever waits goes on to the writer
+        log_event(log, "shared slot look failed", reason=str(exc))
+        return None
 
 
 SLOT_GATES = web.AppKey("booking_slot_gates", SlotGates)
@@ -152,7 +186,7 @@ async def write_booking(
         if not shortcut or wanted.recurrence is not None:
             return await _write(request, wanted, unit_of_work, principals, learned)
         if contended and not gates.busy(key):
-            await look()  # another slot of the provider is being booked: a look of its own
+            await gates.look(key, look)  # the provider is being booked: look (shared) first
         async with gates.writing(key, look):
             return await _write(request, wanted, unit_of_work, principals, learned)
 
