@@ -38,7 +38,7 @@ from bookdav.booking.services import rules_from_json
 from bookdav.booking.slots import DAY, MINUTE, Interval, Rules, SlotQuery, free_slots, merge
 from bookdav.notify import plan as notify_plan
 from bookdav.storage import appointments as store
-from bookdav.storage import calendars
+from bookdav.storage import calendars, sql
 from bookdav.storage import occurrences as occ
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.calendars import Collection
@@ -215,7 +215,10 @@ def book(
     """Book one appointment (or a recurring series) atomically; see the module docstring.
     `held` are the principals whose locks the transaction holds; `prepared`, from `prepare`."""
     now = int(time.time()) if now is None else now
-    provider, service = provider_and_service(conn, request.provider_id, request.service_id)
+    with sql.pipeline(conn):  # the provider, the service and the calendars in one round trip
+        collections = calendars.ask_collections_of_user(conn, request.provider_id)
+        provider, service = provider_and_service(conn, request.provider_id, request.service_id)
+        owned = provider_calendars(conn, provider, collections())
     if len(_LAST_READ) >= _LAST_READ_LIMIT:
         _LAST_READ.clear()
     _LAST_READ[(request.provider_id, request.service_id)] = (provider, service)
@@ -250,11 +253,12 @@ def book(
             attendees = [*members, appointment]
         text, times = _event(attendees[0], provider, service, attendees, manage_url_base)
     ignoring = appointment.event_uid if len(attendees) > 1 else None  # the group's own event
-    owned = _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring)
+    _require_bookable(conn, provider, service, rules, times.occurrences, now, ignoring, owned)
     fresh = len(attendees) == 1  # a new event (not joining a group's): new UUID href and UID
-    _write_event(conn, provider, service, appointment, text, times, owned, fresh=fresh)
-    store.insert_appointment(conn, appointment)
-    _announce(conn, "appointment.created", appointment, service, planned)
+    with sql.pipeline(conn):  # the writes go out together (PostgreSQL: a round trip or two)
+        _write_event(conn, provider, service, appointment, text, times, owned, fresh=fresh)
+        store.insert_appointment(conn, appointment)
+        _announce(conn, "appointment.created", appointment, service, planned)
     return Booked(appointment, service, provider)
 
 
@@ -562,14 +566,16 @@ def _require_bookable(
     wanted: Sequence[occ.Occurrence],
     now: int,
     ignoring_uid: str | None = None,
+    owned: ProviderCalendars | None = None,
 ) -> ProviderCalendars:
     """Each wanted occurrence must be a free slot now: else `NotBookable` or `SlotTaken`, listing
-    the occurrences at fault. Returns the provider's calendars it read, for the write."""
+    the occurrences at fault. `owned`: the provider's calendars, if read already in this
+    transaction; returns them (read if not given), for the write."""
     if not wanted:
         raise NotBookable("the recurrence yields no occurrence")
     if len(wanted) > MAX_OCCURRENCES:
         raise NotBookable(f"a series may have at most {MAX_OCCURRENCES} occurrences")
-    owned = provider_calendars(conn, provider)
+    owned = owned or provider_calendars(conn, provider)
     blocking = [*owned.busy, *resource_calendars(conn, service)]
     not_bookable, taken = [], []
     for occurrence in wanted:
@@ -642,21 +648,16 @@ def _write_event(
 ) -> None:
     """The same VEVENT into the provider's Appointments calendar and each resource's calendar.
     `owned`: the provider's calendars, if the caller has just read them; `fresh`: a new event
-    whose href and UID were made from a new UUID (see `calendars.put_item`)."""
+    whose href and UID were made from a new UUID (see `calendars.add_new_item`)."""
     appointments_path = f"{provider.username}/{APPOINTMENTS_CALENDAR}"
     owned = owned or provider_calendars(conn, provider)
     targets = [c for c in owned.busy if c.path == appointments_path]
     if not targets:
         raise NotFound(f"provider {provider.id} has no appointments calendar")
     for collection in [*targets, *resource_calendars(conn, service)]:
-        calendars.put_item(
-            conn,
-            collection,
-            appointment.event_href,
-            text,
-            uid=appointment.event_uid,
-            times=times,
-            fresh=fresh,
+        write = calendars.add_new_item if fresh else calendars.put_item
+        write(
+            conn, collection, appointment.event_href, text, uid=appointment.event_uid, times=times
         )
 
 
@@ -672,17 +673,20 @@ def _announce(
     webhook deliveries. `service`: the appointment's, if the caller has it; `planned`: the rows
     that need no reading, if built already (`_planned`)."""
     now = planned.now if planned else int(time.time())
+    # Both look-ups are sent before either is read: one round trip inside `sql.pipeline`.
+    destinations = push.ask_destination_rows(conn, event, appointment, now)
+    after_change = notify_plan.rows_after_change(
+        conn,
+        event,
+        appointment,
+        now,
+        service.notifications if service else None,
+        reminders=planned.reminders if planned else None,
+    )
     rows = [
         *(planned.messages if planned else _messages(event, appointment, now)),
-        *push.destination_rows(conn, event, appointment, now),
-        *notify_plan.rows_after_change(
-            conn,
-            event,
-            appointment,
-            now,
-            service.notifications if service else None,
-            reminders=planned.reminders if planned else None,
-        ),
+        *destinations(),
+        *after_change(),
     ]
     store.insert_outbox_rows(conn, rows)
 

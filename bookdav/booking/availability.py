@@ -48,11 +48,14 @@ class ProviderCalendars:
     busy: tuple[Collection, ...]
 
 
-def provider_calendars(conn: Connection, provider: User) -> ProviderCalendars:
-    """The Availability calendar and every other calendar of the provider (all of them block)."""
-    owned = [
-        c for c in calendars.child_collections(conn, provider.username) if c.tag == "VCALENDAR"
-    ]
+def provider_calendars(
+    conn: Connection, provider: User, collections: Sequence[Collection] | None = None
+) -> ProviderCalendars:
+    """The Availability calendar and every other calendar of the provider (all of them block).
+    `collections`: the provider's collections, if the caller has read them already."""
+    if collections is None:
+        collections = calendars.child_collections(conn, provider.username)
+    owned = [c for c in collections if c.tag == "VCALENDAR"]
     availability_path = f"{provider.username}/{AVAILABILITY_CALENDAR}"
     availability = next((c for c in owned if c.path == availability_path), None)
     if availability is None:

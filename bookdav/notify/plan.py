@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -215,20 +215,32 @@ def webhook_rows(
     conn: Connection, event: str, appointment: Appointment, now: int
 ) -> list[dict[str, Any]]:
     """The outbox rows of `enqueue_webhooks`, not yet inserted."""
-    hooks = sql.rows(conn, _LIVE_HOOKS, {"provider_id": appointment.provider_id})
-    body = {
-        "event": event,
-        "occurredAt": now,
-        "appointment": webhook_appointment(appointment),
-    }
-    rows = []
-    for hook_id, events in hooks:
-        if event not in json.loads(events):
-            continue
-        delivery_id = str(uuid.uuid4())
-        payload = {"event": event, "hookId": hook_id, "deliveryId": delivery_id, "body": body}
-        rows.append(outbox_row(WEBHOOK, appointment.id, payload, now=now))
-    return rows
+    return ask_webhook_rows(conn, event, appointment, now)()
+
+
+def ask_webhook_rows(
+    conn: Connection, event: str, appointment: Appointment, now: int
+) -> Callable[[], list[dict[str, Any]]]:
+    """`webhook_rows` in two steps: the query is sent now, the rows are built when the returned
+    function is called (see `sql.ask`)."""
+    hooks = sql.ask(conn, _LIVE_HOOKS, {"provider_id": appointment.provider_id})
+
+    def build() -> list[dict[str, Any]]:
+        body = {
+            "event": event,
+            "occurredAt": now,
+            "appointment": webhook_appointment(appointment),
+        }
+        rows = []
+        for hook_id, events in hooks():
+            if event not in json.loads(events):
+                continue
+            delivery_id = str(uuid.uuid4())
+            payload = {"event": event, "hookId": hook_id, "deliveryId": delivery_id, "body": body}
+            rows.append(outbox_row(WEBHOOK, appointment.id, payload, now=now))
+        return rows
+
+    return build
 
 
 def webhook_appointment(appointment: Appointment) -> dict[str, Any]:
@@ -257,18 +269,20 @@ def rows_after_change(
     now: int,
     overrides: dict[str, Any] | None = None,
     reminders: list[dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
+) -> Callable[[], list[dict[str, Any]]]:
     """For the booking transaction (`booking.appointments._announce` inserts them with the iMIP
     rows, in one statement): reminders for the new state (the old state's are superseded by the
     sequence), and the webhook deliveries. `overrides`: the service's settings, if at hand;
-    `reminders`: the reminder rows, if built already (`single_reminder_rows`)."""
+    `reminders`: the reminder rows, if built already (`single_reminder_rows`). The webhooks'
+    query is sent now; the returned function fetches it and gives the rows (see `sql.ask`)."""
     if reminders is None:
         reminders = (
             reminder_rows(conn, appointment, now, overrides)
             if appointment.status == "confirmed"
             else []
         )
-    return reminders + webhook_rows(conn, event, appointment, now)
+    webhooks = ask_webhook_rows(conn, event, appointment, now)
+    return lambda: reminders + webhooks()
 
 
 def replan_service_reminders(conn: Connection, service_id: str, now: int | None = None) -> int:

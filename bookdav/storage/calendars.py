@@ -21,7 +21,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -153,6 +153,19 @@ def child_collections(conn: Connection, path: str) -> list[Collection]:
         conn, f"{_COLLECTION_SELECT} WHERE parent_path = :path ORDER BY path", {"path": path}
     )
     return [_collection_from_row(row) for row in found]
+
+
+_COLLECTIONS_OF_USER = (
+    f"{_COLLECTION_SELECT} WHERE parent_path = (SELECT username FROM users WHERE id = :user_id)"
+    " ORDER BY path"
+)
+
+
+def ask_collections_of_user(conn: Connection, user_id: str) -> Callable[[], list[Collection]]:
+    """`child_collections` of a user's principal, found by the user's id: the query is sent now,
+    the collections are read when the returned function is called (see `sql.ask`)."""
+    found = sql.ask(conn, _COLLECTIONS_OF_USER, {"user_id": user_id})
+    return lambda: [_collection_from_row(row) for row in found()]
 
 
 def zone_from_props(props: Mapping[str, str]) -> str | None:
@@ -346,12 +359,12 @@ _DELETE_OCCURRENCES = delete(occurrences).where(occurrences.c.item_id == bindpar
 _ITEM_COLUMN_LIST = ", ".join(column.name for column in _ITEM_COLUMNS)
 # Two indexed lookups, not `href = ? OR uid = ?`: SQLite answers the OR by scanning the whole
 # collection (measured: a PUT into 73,000 items slowed to a crawl).
-_INSERT_ITEM = (
+_ADD_ITEM = (
     "INSERT INTO items (collection_id, href, uid, etag, component, text, start_utc, end_utc,"
     " recurring, indexed_until, modified_at) VALUES (:collection_id, :href, :uid, :etag,"
     " :component, :text, :start_utc, :end_utc, :recurring, :indexed_until, :modified_at)"
-    " RETURNING id"
 )
+_INSERT_ITEM = _ADD_ITEM + " RETURNING id"
 _SAME_HREF_OR_UID = (
     f"SELECT {_ITEM_COLUMN_LIST} FROM items WHERE collection_id = :collection_id AND href = :href"
     " UNION ALL "
@@ -383,7 +396,6 @@ def put_item(
     etag: str | None = None,
     times: occ.ItemTimes | None = None,
     now: int | None = None,
-    fresh: bool = False,
 ) -> tuple[StoredItem, StoredItem | None]:
     """Insert or replace the item at `href`; return it and the item it replaced, if any.
 
@@ -391,33 +403,17 @@ def put_item(
     (saves a parse), or, for an event bookdav built itself, its `uid` and `times` (no parse at
     all: vobject costs milliseconds on the booking path). Indexes its occurrences, raises the
     collection's revision and records the change for sync-collection. Raises `UidConflict` if
-    another href holds the same UID. `fresh`: the caller made `href` and `uid` up just now from a
-    random UUID (a new appointment), so neither can exist: the look-up for them is skipped (the
-    unique index on the href still stands guard).
+    another href holds the same UID.
     """
     now = _now() if now is None else now
     if calendar is None and (uid is None or times is None):
         calendar = vobject.readOne(text)
     uid = _uid_of(calendar) if uid is None else uid
-    replaced, uid_taken = (
-        (None, False) if fresh else _same_href_or_uid(conn, collection.id, href, uid)
-    )
+    replaced, uid_taken = _same_href_or_uid(conn, collection.id, href, uid)
     if uid_taken:
         raise UidConflict(f"UID {uid!r} already exists in {collection.path!r}")
     times = _times_of(calendar, collection, now) if times is None else times
-    values = {
-        "collection_id": collection.id,
-        "href": href,
-        "uid": uid,
-        "etag": etag or item_etag(text),
-        "component": times.component,
-        "text": text,
-        "start_utc": times.start_utc,
-        "end_utc": times.end_utc,
-        "recurring": times.recurring,
-        "indexed_until": times.indexed_until,
-        "modified_at": now,
-    }
+    values = _item_values(collection, href, uid, etag or item_etag(text), text, times, now)
     # Constant statements with parameters (not .values(...)) keep SQLAlchemy's cache key cheap.
     if replaced is None:
         item_id = sql.scalar(conn, _INSERT_ITEM, values)
@@ -432,6 +428,53 @@ def put_item(
         **{k: v for k, v in values.items() if k != "recurring"},  # type: ignore[arg-type]
     )
     return stored, replaced
+
+
+def add_new_item(
+    conn: Connection,
+    collection: Collection,
+    href: str,
+    text: str,
+    *,
+    uid: str,
+    times: occ.ItemTimes,
+    now: int | None = None,
+) -> None:
+    """Insert an item whose `href` and `uid` the caller made up just now from a random UUID (a
+    new appointment's event), so neither can exist: no look-up for them first (the unique index
+    on the href still stands guard), and no statement waits for an answer, so that inside
+    `sql.pipeline` the whole write goes out with the caller's next read or commit. Indexes its
+    occurrences, raises the revision and records the change, as `put_item` does."""
+    now = _now() if now is None else now
+    sql.execute(
+        conn, _ADD_ITEM, _item_values(collection, href, uid, item_etag(text), text, times, now)
+    )
+    longest = _insert_occurrences(conn, collection.id, None, times.occurrences, href=href)
+    _record_change(conn, collection.id, href, now=now, longest_seconds=longest)
+
+
+def _item_values(
+    collection: Collection,
+    href: str,
+    uid: str,
+    etag: str,
+    text: str,
+    times: occ.ItemTimes,
+    now: int,
+) -> dict[str, Any]:
+    return {
+        "collection_id": collection.id,
+        "href": href,
+        "uid": uid,
+        "etag": etag,
+        "component": times.component,
+        "text": text,
+        "start_utc": times.start_utc,
+        "end_utc": times.end_utc,
+        "recurring": times.recurring,
+        "indexed_until": times.indexed_until,
+        "modified_at": now,
+    }
 
 
 def delete_item(
@@ -538,17 +581,30 @@ _INSERT_OCCURRENCES = (
     "INSERT INTO occurrences (item_id, collection_id, start_utc, end_utc, busy, long_span)"
     " VALUES (:item_id, :collection_id, :start_utc, :end_utc, :busy, :long_span)"
 )
+# The same, for an item whose id was not read back (`add_new_item`): found by its href.
+_INSERT_OCCURRENCES_OF_HREF = (
+    "INSERT INTO occurrences (item_id, collection_id, start_utc, end_utc, busy, long_span)"
+    " VALUES ((SELECT id FROM items WHERE collection_id = :collection_id AND href = :href),"
+    " :collection_id, :start_utc, :end_utc, :busy, :long_span)"
+)
 
 
 def _insert_occurrences(
-    conn: Connection, collection_id: int, item_id: int, found: Sequence[occ.Occurrence]
+    conn: Connection,
+    collection_id: int,
+    item_id: int | None,
+    found: Sequence[occ.Occurrence],
+    *,
+    href: str | None = None,
 ) -> int:
-    """Store an item's occurrences; return the longest long one's length (0 if none)."""
+    """Store an item's occurrences (of `item_id`, or of the item at `href` when the id is None);
+    return the longest long one's length (0 if none)."""
     if not found:
         return 0
+    key: dict[str, Any] = {"item_id": item_id} if item_id is not None else {"href": href}
     rows = [
         {
-            "item_id": item_id,
+            **key,
             "collection_id": collection_id,
             "start_utc": o.start_utc,
             "end_utc": o.end_utc,
@@ -557,31 +613,32 @@ def _insert_occurrences(
         }
         for o in found
     ]
-    sql.execute_many(conn, _INSERT_OCCURRENCES, rows)
-    return max((r["end_utc"] - r["start_utc"] for r in rows if r["long_span"]), default=0)
+    statement = _INSERT_OCCURRENCES if item_id is not None else _INSERT_OCCURRENCES_OF_HREF
+    sql.execute_many(conn, statement, rows)
+    long_ones = [o.end_utc - o.start_utc for o in found]
+    return max((n for n in long_ones if n > SHORT_OCCURRENCE_SECONDS), default=0)
 
 
-# Built once: every item write runs these two, and rebuilding a statement per call costs more
-# than executing it.
-# Built once, as text: every item write runs these two (UPDATE ... RETURNING and the upsert are
-# the same SQL on SQLite >= 3.35 and PostgreSQL).
+# Built once, as text: every item write runs these two, and neither waits for an answer (the
+# change takes the revision the update just gave the collection, read by the database itself), so
+# they pipeline (`sql.pipeline`). The same SQL on SQLite and PostgreSQL.
 _NEXT_REVISION = (
     "UPDATE collections SET revision = revision + 1, modified_at = :modified_at,"
     " longest_occurrence_seconds = CASE WHEN longest_occurrence_seconds < :longest_seconds"
     " THEN :longest_seconds ELSE longest_occurrence_seconds END"
-    " WHERE id = :collection_id RETURNING revision"
+    " WHERE id = :collection_id"
 )
 _UPSERT_CHANGE = (
     "INSERT INTO item_changes (collection_id, href, revision)"
-    " VALUES (:collection_id, :href, :revision)"
+    " SELECT id, :href, revision FROM collections WHERE id = :collection_id"
     " ON CONFLICT (collection_id, href) DO UPDATE SET revision = excluded.revision"
 )
 
 
 def _record_change(
     conn: Connection, collection_id: int, href: str, *, now: int | None, longest_seconds: int = 0
-) -> int:
-    revision = sql.scalar(
+) -> None:
+    sql.execute(
         conn,
         _NEXT_REVISION,
         {
@@ -590,10 +647,7 @@ def _record_change(
             "longest_seconds": longest_seconds,
         },
     )
-    sql.execute(
-        conn, _UPSERT_CHANGE, {"collection_id": collection_id, "href": href, "revision": revision}
-    )
-    return revision
+    sql.execute(conn, _UPSERT_CHANGE, {"collection_id": collection_id, "href": href})
 
 
 # --- sync-collection -----------------------------------------------------------------------------
@@ -785,20 +839,29 @@ def busy_intervals_by_collection(
     ignoring_uid: str | None = None,
     fresh: bool = False,
 ) -> dict[int, list[tuple[int, int]]]:
-    """`busy_intervals` per collection id, in three queries whatever the number of collections:
-    this is the slot engine's and the booking check's hot path. `fresh`: the Collection objects
-    were read in this transaction with no write since, so their longest occurrence is current and
-    need not be read again (a round trip saved on every booking)."""
+    """`busy_intervals` per collection id, in three queries whatever the number of collections,
+    sent together (one round trip on PostgreSQL): this is the slot engine's and the booking
+    check's hot path. `fresh`: the Collection objects were read in this transaction with no write
+    since, so their longest occurrence is current and need not be read again (a round trip saved
+    on every booking)."""
     owned = list(owned)
     ids = list(dict.fromkeys(c.id for c in owned))
     found: dict[int, list[tuple[int, int]]] = {collection_id: [] for collection_id in ids}
     if not ids:
         return found
     longest = max(c.longest_occurrence_seconds for c in owned) if fresh else None
-    indexed = _indexed_busy(conn, ids, start_utc, end_utc, ignoring_uid, longest)
-    for collection_id, start, end in indexed:
-        found[collection_id].append((start, end))
-    for collection_id, start, end in _unindexed_busy(conn, ids, start_utc, end_utc, ignoring_uid):
+    with sql.pipeline(conn):
+        indexed = _ask_indexed_busy(conn, ids, start_utc, end_utc, ignoring_uid, longest)
+        unindexed = sql.execute(
+            conn, _UNINDEXED_EVENTS, {"collection_ids": ids, "end_utc": end_utc}
+        )
+        for cursor in indexed:
+            for collection_id, start, end in cursor.fetchall():
+                found[collection_id].append((start, end))
+        unindexed_rows = unindexed.fetchall()
+    for collection_id, start, end in _unindexed_busy(
+        unindexed_rows, start_utc, end_utc, ignoring_uid
+    ):
         found[collection_id].append((start, end))
     return found
 
@@ -823,14 +886,16 @@ _LONGEST_OCCURRENCE = (
 )
 
 
-def _indexed_busy(
+def _ask_indexed_busy(
     conn: Connection,
     collection_ids: list[int],
     start_utc: int,
     end_utc: int,
     ignoring_uid: str | None,
     longest: int | None = None,
-) -> list[tuple[int, int, int]]:
+) -> list[Any]:
+    """Send the busy-occurrence queries (one, or two when long occurrences exist); returns their
+    cursors, to fetch (collection id, start, end) rows from."""
     if longest is None:
         # Read now, not from Collection objects: a caller may hold ones from before its writes.
         longest = sql.scalar(conn, _LONGEST_OCCURRENCE, {"collection_ids": collection_ids})
@@ -844,15 +909,14 @@ def _indexed_busy(
     if ignoring_uid is not None:
         parameters["ignoring_uid"] = ignoring_uid
     statement = _BUSY_OCCURRENCES if ignoring_uid is None else _BUSY_OCCURRENCES_IGNORING_UID
-    found: list[tuple[int, int, int]] = []
-    for long_span, reach in bounds:
-        rows = sql.rows(
+    return [
+        sql.execute(
             conn,
             statement,
             {**parameters, "long_span": long_span, "lowest_start": start_utc - reach},
         )
-        found.extend((collection_id, start, end) for collection_id, start, end in rows)
-    return found
+        for long_span, reach in bounds
+    ]
 
 
 _UNINDEXED_EVENTS = (
@@ -864,14 +928,10 @@ _UNINDEXED_EVENTS = (
 
 
 def _unindexed_busy(
-    conn: Connection,
-    collection_ids: list[int],
-    start_utc: int,
-    end_utc: int,
-    ignoring_uid: str | None,
+    rows: Sequence[tuple[Any, ...]], start_utc: int, end_utc: int, ignoring_uid: str | None
 ) -> list[tuple[int, int, int]]:
-    """Busy instances of items whose index stops before `end_utc`, beyond what is indexed."""
-    rows = sql.rows(conn, _UNINDEXED_EVENTS, {"collection_ids": collection_ids, "end_utc": end_utc})
+    """Busy instances, from `_UNINDEXED_EVENTS` rows (items whose index stops before the window
+    ends), beyond what is indexed."""
     found = []
     for collection_id, text, indexed_until, uid, timezone in rows:
         if uid == ignoring_uid:
@@ -890,7 +950,9 @@ __all__ = [
     "InvalidSyncToken",
     "StoredItem",
     "UidConflict",
+    "add_new_item",
     "all_items",
+    "ask_collections_of_user",
     "busy_intervals",
     "busy_intervals_by_collection",
     "changes_since",

@@ -72,6 +72,7 @@ class Database:
         else:
             engine = create_engine(self.url, pool_size=24, max_overflow=16, pool_timeout=60)
             _ping_when_idle(engine)
+            _sync_pipeline_before_reading(engine)
             self._write_engine = self._read_engine = engine
         # SQLite takes one writer at a time anyway: a single writer thread and a mutex (shared
         # with other processes on the same file) queue writers cheaply; PostgreSQL writers run in
@@ -122,8 +123,10 @@ class Database:
         """A write transaction holding the lock of every named principal; commits on success."""
         with self._sqlite_writer_mutex, self._write_engine.begin() as conn:
             if not self.is_sqlite:
-                for key in sorted({principal_lock_key(p) for p in principals}):
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+                # One round trip for the BEGIN and every lock (psycopg sends BEGIN first).
+                with sql.pipeline(conn):
+                    for key in sorted({principal_lock_key(p) for p in principals}):
+                        sql.execute(conn, "SELECT pg_advisory_xact_lock(:key)", {"key": key})
             yield conn
 
     @contextlib.contextmanager
@@ -203,6 +206,22 @@ def _ping_when_idle(engine: Engine) -> None:
         except Exception as exc:
             # The pool discards this connection and checks out another (documented behaviour).
             raise DisconnectionError(_first_line(exc)) from exc
+
+
+def _sync_pipeline_before_reading(engine: Engine) -> None:
+    """A SQLAlchemy statement run inside `sql.pipeline` waits for its own answer first.
+
+    SQLAlchemy reads a result's description right after executing; in psycopg's pipeline mode
+    the answer is not there yet, and the statement would look as if it returned no rows. So
+    after a SQLAlchemy statement on a pipelined connection the pipeline is synced (one round
+    trip, as outside a pipeline): SQLAlchemy code stays correct anywhere, and only the statements
+    of `sql` gain from the pipeline."""
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _after(*args: Any) -> None:
+        pipeline = getattr(args[1].connection, "_pipeline", None)  # psycopg's, while one is open
+        if pipeline is not None:
+            pipeline.sync()
 
 
 class SqliteWriteLock:

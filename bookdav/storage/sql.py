@@ -6,14 +6,21 @@ a slot search several, so those go through this module: each is one SQL text wri
 parameters (and `IN :names` for a list), turned once into the driver's own style (sqlite3's
 `:name`, psycopg's `%(name)s`). They run on the same connection, in the same transaction, as the
 SQLAlchemy statements around them; rows come back as plain tuples.
+
+On PostgreSQL every statement is a round trip, and a round trip costs more client and server CPU
+than most of the statements themselves. Inside `pipeline(conn)` the statements of this module are
+sent without waiting for their answers (psycopg's pipeline mode): a write nobody reads goes out
+with the next read, and a read that is fetched waits once for everything queued before it. On
+SQLite, which has no round trips, `pipeline` changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -67,6 +74,19 @@ def execute(conn: Connection, sql: str, params: Mapping[str, Any] | None = None)
     return conn.connection.driver_connection.execute(driver_sql, driver_params)  # type: ignore[union-attr]
 
 
+@contextlib.contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """Statements of this module inside the block don't wait for their answers until one is
+    fetched (PostgreSQL); leaving the block waits for all of them and raises the first error.
+    Only for statements run through this module: SQLAlchemy's execution reads a result's
+    description as soon as it executes, which a pipelined statement does not have yet."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+        yield
+
+
 def execute_many(conn: Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
     """One statement for many parameter sets (plain values only)."""
     if not rows:
@@ -82,6 +102,20 @@ def rows(
     conn: Connection, sql: str, params: Mapping[str, Any] | None = None
 ) -> list[tuple[Any, ...]]:
     return list(execute(conn, sql, params).fetchall())
+
+
+def ask(
+    conn: Connection, sql: str, params: Mapping[str, Any] | None = None
+) -> Callable[[], list[tuple[Any, ...]]]:
+    """Send a query now and fetch its rows later, by calling what this returns: inside
+    `pipeline`, queries asked one after the other cost one round trip together. The rows are
+    the database's state where the query stands among the statements, as if fetched at once
+    (sqlite3 would step a cursor only when fetched, seeing later writes: it is read now)."""
+    cursor = execute(conn, sql, params)
+    if conn.dialect.name == "sqlite":
+        found = list(cursor.fetchall())
+        return lambda: found
+    return lambda: list(cursor.fetchall())
 
 
 def first(
@@ -101,8 +135,9 @@ def mappings(
 ) -> list[dict[str, Any]]:
     """Rows as column name -> value (for `SELECT table.*`, whose column list may grow)."""
     cursor = execute(conn, sql, params)
+    found = cursor.fetchall()  # first: inside `pipeline`, the description comes with the rows
     names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in found]
 
 
 def json_object(raw: str | None) -> dict[str, Any]:

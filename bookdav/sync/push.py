@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import icalendar
@@ -54,8 +55,16 @@ def destination_rows(
 ) -> list[dict[str, Any]]:
     """One outbox row per destination calendar of the appointment's provider, for the booking's
     transaction to insert (none if the provider has none)."""
-    destinations = sql.rows(conn, _DESTINATIONS, {"provider_id": appointment.provider_id})
-    return [
+    return ask_destination_rows(conn, event, appointment, now)()
+
+
+def ask_destination_rows(
+    conn: Connection, event: str, appointment: Appointment, now: int
+) -> Callable[[], list[dict[str, Any]]]:
+    """`destination_rows` in two steps: the query is sent now, the rows are built when the
+    returned function is called (see `sql.ask`)."""
+    destinations = sql.ask(conn, _DESTINATIONS, {"provider_id": appointment.provider_id})
+    return lambda: [
         appointment_store.outbox_row(
             KIND,
             appointment.id,
@@ -67,7 +76,7 @@ def destination_rows(
             },
             now=now,
         )
-        for (calendar_id,) in destinations
+        for (calendar_id,) in destinations()
     ]
 
 

@@ -1,0 +1,131 @@
+"""`storage.sql.pipeline`: statements sent without waiting (PostgreSQL's pipeline mode) give the
+same answers and the same all-or-nothing as statements sent one by one, on both databases.
+
+The booking transaction relies on it (`booking.appointments.book`): its writes and look-ups go
+out together, and a SQLAlchemy statement that lands inside a pipeline must still see its rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from sqlalchemy import Connection, select, text
+
+from bookdav.storage import calendars, sql
+from bookdav.storage.db import Database
+from bookdav.storage.schema import collections
+from tests.conftest import RunningServer
+from tests.storage_fixtures import database  # noqa: F401 (fixture)
+from tests.test_appointments import _api_instant, booking_body, count_bookings
+from tests.test_availability import make_provider, next_monday
+
+
+def _make_calendar(conn: Connection, name: str) -> calendars.Collection:
+    return calendars.create_collection(conn, f"alice/{name}", {"tag": "VCALENDAR"}, owner="alice")
+
+
+def test_asked_queries_and_unread_writes_give_what_one_by_one_gives(
+    database: Database,  # noqa: F811
+) -> None:
+    with database.write(["alice"]) as conn:
+        first = _make_calendar(conn, "first")
+        with sql.pipeline(conn):
+            sql.execute(
+                conn,
+                "UPDATE collections SET revision = revision + 5 WHERE id = :id",
+                {"id": first.id},
+            )
+            revision = sql.ask(
+                conn, "SELECT revision FROM collections WHERE id = :id", {"id": first.id}
+            )
+            paths = sql.ask(conn, "SELECT path FROM collections WHERE parent_path = 'alice'")
+            second = _make_calendar(conn, "second")  # SQLAlchemy and raw statements mixed
+            named = sql.mappings(
+                conn, "SELECT path, revision FROM collections WHERE id = :id", {"id": first.id}
+            )
+            assert named == [{"path": "alice/first", "revision": first.revision + 5}]
+            assert paths() == [("alice/first",)]
+            assert revision() == [(first.revision + 5,)]
+        assert [c.path for c in calendars.child_collections(conn, "alice")] == [
+            "alice/first",
+            "alice/second",
+        ]
+        assert second.id != first.id
+
+
+def test_a_sqlalchemy_statement_inside_a_pipeline_sees_its_rows(
+    database: Database,  # noqa: F811
+) -> None:
+    with database.write(["alice"]) as conn:
+        first = _make_calendar(conn, "first")
+        with sql.pipeline(conn):
+            sql.execute(conn, "UPDATE collections SET revision = 41")
+            # Without the sync after SQLAlchemy statements this would read no rows at all.
+            found = conn.execute(select(collections.c.revision).where(collections.c.id == first.id))
+            assert found.scalar_one() == 41
+            assert conn.execute(text("SELECT count(*) FROM collections")).scalar_one() == 2
+
+
+def test_a_failing_pipelined_write_fails_the_block_and_leaves_nothing(
+    database: Database,  # noqa: F811
+) -> None:
+    with database.write(["alice"]) as conn:
+        kept = _make_calendar(conn, "kept")
+    duplicate = (
+        "INSERT INTO collections (path, owner, parent_path, tag, incarnation, modified_at)"
+        " VALUES (:p, 'alice', 'alice', 'VCALENDAR', 'x', 0)"
+    )
+    # The driver's own error (sqlite3 / psycopg): statements of `sql` bypass SQLAlchemy's wrapping.
+    with (
+        pytest.raises(Exception, match=r"(?i)unique|duplicate"),
+        database.write(["alice"]) as conn,
+        sql.pipeline(conn),
+    ):
+        sql.execute(conn, "UPDATE collections SET revision = 99")
+        sql.execute(conn, duplicate, {"p": "alice/new"})
+        sql.execute(conn, duplicate, {"p": "alice/kept"})  # the unique path: fails
+        sql.execute(conn, duplicate, {"p": "alice/after"})
+    with database.read() as conn:
+        assert [(c.path, c.revision) for c in calendars.child_collections(conn, "alice")] == [
+            ("alice/kept", kept.revision)
+        ]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_server(request: pytest.FixtureRequest) -> RunningServer:
+    return request.getfixturevalue("server" if request.param == "sqlite" else "pg_server")
+
+
+def test_a_booking_that_needs_a_room_writes_it_into_the_rooms_calendar_too(
+    any_server: RunningServer,
+) -> None:
+    """The room's calendar is found by a SQLAlchemy query inside the booking's pipelined writes:
+    the booking lands in both calendars, and the room, now busy, refuses the next booking."""
+    first, second = make_provider(any_server), make_provider(any_server)
+    admin = any_server.add_user("admin")
+    room = requests.post(
+        f"{any_server.base_url}/api/v1/resources",
+        auth=(admin, any_server.passwords[admin]),
+        json={"name": "Room 1", "kind": "room", "timezone": "Europe/Berlin"},
+    )
+    assert room.status_code == 201, room.text
+    for provider in (first, second):
+        needs_room = requests.put(
+            f"{any_server.base_url}/api/v1/services/{provider.service_id}",
+            auth=provider.auth,
+            json={"resources": [room.json()["resourceId"]]},
+        )
+        assert needs_room.status_code == 200, needs_room.text
+    start = _api_instant(next_monday(8), 10)
+    url = f"{any_server.base_url}/api/v1/appointments"
+    booked = requests.post(url, json=booking_body(first, start))
+    assert booked.status_code == 201, booked.text
+    event = requests.get(
+        f"{room.json()['calendarUrl']}{booked.json()['appointmentId']}.ics", auth=first.auth
+    )
+    assert event.status_code == 200, event.text
+    assert f"X-BOOKDAV-APPOINTMENT-ID:{booked.json()['appointmentId']}" in event.text
+    refused = requests.post(url, json=booking_body(second, start))
+    assert refused.status_code == 409, refused.text
+    assert count_bookings(first) == (1, 1)
+    assert count_bookings(second) == (0, 0)
