@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import json
 import mailbox
+import re
 import secrets
 import socket
 import time
@@ -377,6 +378,44 @@ def test_two_workers_never_hold_the_same_row_and_an_expired_lease_is_retried(
         assert len(again) == 4 and all(row.attempts == 2 for row in again)
         assert not outbox.finish(conn, mine[0], outbox.SENT)
         assert outbox.finish(conn, again[0], outbox.SENT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_claim_takes_expired_leases_then_the_oldest_rows_without_sorting_every_due_one(
+    backend: str, tmp_path: Path
+) -> None:
+    """After a rush thousands of rows are due; a claim must read about the twenty it takes (an
+    index range scan in order), not sort them all under the write lock."""
+    from bookdav.storage.appointments import insert_outbox_rows, outbox_row
+
+    database = fresh_database(backend, tmp_path)
+    now = int(time.time())
+    rows = [
+        outbox_row("client.imip", None, {"n": n}, now=now - 100, due=now - 3_000 + n // 2)
+        for n in range(3_000)
+    ]
+    with database.write() as conn:
+        insert_outbox_rows(conn, rows)
+        # A dead worker's lease, due again, though younger than every pending row.
+        conn.execute(
+            outbox_table.update()
+            .where(outbox_table.c.payload == json.dumps({"n": 2_999}))
+            .values(status=outbox.SENDING, next_attempt_at=now - 1)
+        )
+        conn.exec_driver_sql("ANALYZE")
+    with database.read() as conn:
+        statement = outbox.due_rows(outbox.PENDING, now, outbox.BATCH_SIZE)
+        compiled = statement.compile(conn, compile_kwargs={"literal_binds": True})
+        explain = "EXPLAIN QUERY PLAN " if backend == "sqlite" else "EXPLAIN "
+        plan = " ".join(
+            " ".join(str(part) for part in row)
+            for row in conn.exec_driver_sql(explain + str(compiled))
+        )
+    assert "TEMP B-TREE" not in plan and "Seq Scan" not in plan, plan
+    assert not re.search(r"(?<!Incremental )Sort\s+\(cost", plan), plan  # a full sort
+    with database.write() as conn:
+        claimed = outbox.claim_due(conn, now)
+    assert [row.payload["n"] for row in claimed] == [2_999, *range(outbox.BATCH_SIZE - 1)]
 
 
 def private_postgres_url() -> str:
