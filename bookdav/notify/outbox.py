@@ -103,8 +103,8 @@ def claim_due(
 
     Each status is read on its own, in the order of the `(status, next_attempt_at)` index: the
     two together (`status IN (...) ORDER BY next_attempt_at`) made the database sort every due
-    row to find the oldest twenty, under the write lock, and after a rush of bookings tens of
-    thousands are due (measured: a growing stall of SQLite's one writer during a storm)."""
+    row to find the oldest twenty (SQLite's plan: a temp B-tree; PostgreSQL's: a sequential scan
+    and a sort), under the write lock, and after a rush of bookings tens of thousands are due."""
     rows: list[Any] = []
     for status in (SENDING, PENDING):
         if len(rows) < limit:
