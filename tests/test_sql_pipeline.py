@@ -7,10 +7,17 @@ out together, and a SQLAlchemy statement that lands inside a pipeline must still
 
 from __future__ import annotations
 
+import itertools
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
 import pytest
 import requests
-from sqlalchemy import Connection, select, text
+from psycopg import pq
+from sqlalchemy import Connection, event, select, text
 
+from bookdav.booking import appointments as booking
 from bookdav.storage import calendars, sql
 from bookdav.storage.db import Database
 from bookdav.storage.schema import collections
@@ -129,3 +136,77 @@ def test_a_booking_that_needs_a_room_writes_it_into_the_rooms_calendar_too(
     assert refused.status_code == 409, refused.text
     assert count_bookings(first) == (1, 1)
     assert count_bookings(second) == (0, 0)
+
+
+def _round_trips(trace: str) -> int:
+    """How many times the client waited for the server: in libpq's protocol trace (a message a
+    line, F from the client, B from the server), each turn from sending to receiving."""
+    directions = [line.split("\t", 1)[0] for line in trace.splitlines()]
+    return sum(1 for sent, got in itertools.pairwise(directions) if (sent, got) == ("F", "B"))
+
+
+def test_a_pipelined_booking_takes_four_round_trips_on_postgresql(
+    pg_server: RunningServer, tmp_path: Path
+) -> None:
+    """BEGIN; the locks with the provider's look-ups; the slot check with the notifications'
+    look-ups; the writes with the COMMIT. Sent one block at a time it took nine."""
+    provider = make_provider(pg_server)
+    client = booking.Client("Ann Example", "ann@example.org", "UTC")
+    db = Database(pg_server.database_url)
+    traces: list[Path] = []
+
+    @event.listens_for(db._write_engine, "checkout")
+    def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        traces.append(tmp_path / f"trace-{len(traces)}.txt")
+        dbapi_connection._bookdav_trace = open(traces[-1], "w")  # noqa: SIM115 (closed at checkin)
+        dbapi_connection.pgconn.trace(dbapi_connection._bookdav_trace.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    @event.listens_for(db._write_engine, "checkin")
+    def _untrace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.pgconn.untrace()
+        dbapi_connection._bookdav_trace.close()
+
+    def book(hour: int, held: list[str]) -> str:
+        """Book at `hour` holding `held`; the protocol trace of that transaction."""
+        start = int(datetime.fromisoformat(_api_instant(next_monday(8), hour)).timestamp())
+        wanted = booking.BookingRequest(provider.service_id, provider.user_id, start, client)
+        with db.write(held, pipelined=True) as conn:
+            booking.book(conn, wanted, "http://bookdav.test", held)
+        return traces[-1].read_text()
+
+    try:
+        held = [provider.username]
+        try:
+            book(10, held)
+        except booking.LocksMissing as missing:  # the service's locks, learned
+            held = missing.needed
+            book(10, held)
+        assert _round_trips(book(11, held)) == 4
+    finally:
+        db.close()
+    assert count_bookings(provider) == (2, 2)
+
+
+def test_a_pipelined_write_that_fails_at_the_commit_leaves_nothing(
+    database: Database,  # noqa: F811
+) -> None:
+    """In a pipelined write an error surfaces at the next read or the commit, not where the
+    statement was sent: the transaction still keeps nothing (SQLite: at once, as ever)."""
+    with database.write(["alice"]) as conn:
+        kept = _make_calendar(conn, "kept")
+    duplicate = (
+        "INSERT INTO collections (path, owner, parent_path, tag, incarnation, modified_at)"
+        " VALUES (:p, 'alice', 'alice', 'VCALENDAR', 'x', 0)"
+    )
+    with (
+        pytest.raises(Exception, match=r"(?i)unique|duplicate"),
+        database.write(["alice"], pipelined=True) as conn,
+    ):
+        sql.execute(conn, "UPDATE collections SET revision = 99")
+        sql.execute(conn, duplicate, {"p": "alice/new"})
+        sql.execute(conn, duplicate, {"p": "alice/kept"})  # the unique path: fails
+    with database.read() as conn:
+        assert [(c.path, c.revision) for c in calendars.child_collections(conn, "alice")] == [
+            ("alice/kept", kept.revision)
+        ]

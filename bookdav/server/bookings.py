@@ -201,8 +201,12 @@ async def _write(
     database = request.app[DATABASE]
     prepared = booking.prepare(wanted, request.app[SETTINGS].public_base_url)
     try:
-        return await database.run_write(unit_of_work, principals, prepared, principals=principals)
+        return await database.run_write(
+            unit_of_work, principals, prepared, principals=principals, pipelined=True
+        )
     except booking.LocksMissing as exc:
         if learned is not None:
             learned(exc.needed)
-        return await database.run_write(unit_of_work, exc.needed, prepared, principals=exc.needed)
+        return await database.run_write(
+            unit_of_work, exc.needed, prepared, principals=exc.needed, pipelined=True
+        )

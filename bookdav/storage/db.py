@@ -119,14 +119,28 @@ class Database:
         return "sqlite" if self.is_sqlite else "postgresql"
 
     @contextlib.contextmanager
-    def write(self, principals: Iterable[str] = ()) -> Iterator[Connection]:
-        """A write transaction holding the lock of every named principal; commits on success."""
+    def write(
+        self, principals: Iterable[str] = (), *, pipelined: bool = False
+    ) -> Iterator[Connection]:
+        """A write transaction holding the lock of every named principal; commits on success.
+
+        `pipelined` (PostgreSQL): the whole transaction is one `sql.pipeline`, so the locks go
+        out with the unit's first read and the COMMIT with its last writes, instead of a round
+        trip each. Only for units written for it: a statement of `sql` there raises its error
+        at the next read, `sql.sync` or the commit, and its `rowcount` is not known before."""
         with self._sqlite_writer_mutex, self._write_engine.begin() as conn:
-            if not self.is_sqlite:
-                # One round trip for the BEGIN and every lock (psycopg sends BEGIN first).
-                with sql.pipeline(conn):
-                    for key in sorted({principal_lock_key(p) for p in principals}):
-                        sql.execute(conn, "SELECT pg_advisory_xact_lock(:key)", {"key": key})
+            if self.is_sqlite:
+                yield conn
+                return
+            with sql.pipeline(conn):  # the locks: one round trip (after psycopg's BEGIN)
+                for key in sorted({principal_lock_key(p) for p in principals}):
+                    sql.execute(conn, "SELECT pg_advisory_xact_lock(:key)", {"key": key})
+                if pipelined:
+                    yield conn
+                    # Sent with what is still unsent, and waited for as the pipeline ends;
+                    # SQLAlchemy's commit then finds the transaction over (psycopg: a no-op).
+                    sql.execute(conn, "COMMIT")
+                    return
             yield conn
 
     @contextlib.contextmanager
@@ -140,18 +154,19 @@ class Database:
         fn: Callable[..., T],
         *args: Any,
         principals: Iterable[str] = (),
+        pipelined: bool = False,
         **kwargs: Any,
     ) -> T:
-        """Run `fn(conn, *args, **kwargs)` whole inside `write(principals)` on a writer thread.
-        On SQLite, units of work that queue up while one commits are committed together (each in
-        its own savepoint: see `GroupWriter`); to the caller that is the same."""
+        """Run `fn(conn, *args, **kwargs)` whole inside `write(principals, pipelined=...)` on a
+        writer thread. On SQLite, units of work that queue up while one commits are committed
+        together (each in its own savepoint: see `GroupWriter`); to the caller that is the same."""
         if self._group_writer is not None:
             unit: Callable[[Connection], T] = lambda conn: fn(conn, *args, **kwargs)  # noqa: E731
             return await asyncio.wrap_future(self._group_writer.submit(unit))
         principals = tuple(principals)
 
         def unit_of_work() -> T:
-            with self.write(principals) as conn:
+            with self.write(principals, pipelined=pipelined) as conn:
                 return fn(conn, *args, **kwargs)
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_pool, unit_of_work)

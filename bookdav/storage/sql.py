@@ -79,12 +79,28 @@ def pipeline(conn: Connection) -> Iterator[None]:
     """Statements of this module inside the block don't wait for their answers until one is
     fetched (PostgreSQL); leaving the block waits for all of them and raises the first error.
     Only for statements run through this module: SQLAlchemy's execution reads a result's
-    description as soon as it executes, which a pipelined statement does not have yet."""
+    description as soon as it executes, which a pipelined statement does not have yet.
+
+    A block inside another one joins it: its statements wait for the outer block's next fetch
+    or end (psycopg would sync on entering and leaving an inner block, a round trip each, even
+    with nothing to send)."""
     if conn.dialect.name != "postgresql":
         yield
         return
-    with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+    driver = conn.connection.driver_connection
+    if getattr(driver, "_pipeline", None) is not None:
         yield
+        return
+    with driver.pipeline():  # type: ignore[union-attr]
+        yield
+
+
+def sync(conn: Connection) -> None:
+    """Wait for every statement sent so far in the open pipeline, raising the first error
+    where it is called (nothing to wait for outside a pipeline, or on SQLite)."""
+    pipeline = getattr(conn.connection.driver_connection, "_pipeline", None)
+    if pipeline is not None:
+        pipeline.sync()
 
 
 def execute_many(conn: Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:

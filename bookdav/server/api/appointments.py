@@ -21,6 +21,7 @@ from bookdav.server.bookings import write_booking
 from bookdav.server.keys import DATABASE, SETTINGS
 from bookdav.server.ratelimit import RateLimiter
 from bookdav.storage import appointments as store
+from bookdav.storage import sql
 from bookdav.storage.appointments import Appointment
 from bookdav.storage.users import User, user_by_id
 
@@ -182,6 +183,7 @@ async def create_appointment(request: web.Request) -> web.Response:
         booked = booking.book(conn, booking_request, base_url, principals, prepared=prepared)
         answer = json.dumps(appointment_json(booked.appointment, base_url))
         if key is not None:
+            sql.sync(conn)  # the booking's own errors first: a clash below is the key's
             try:
                 store.store_response(conn, scope, fingerprint, 201, answer)
             except IntegrityError as exc:
