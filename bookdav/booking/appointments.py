@@ -216,8 +216,8 @@ def book(
     `held` are the principals whose locks the transaction holds; `prepared`, from `prepare`.
 
     On PostgreSQL the whole booking is one pipeline: each read waits once for everything sent
-    before it, and nothing waits where nothing is read (three round trips and the commit, where
-    separate blocks took six)."""
+    before it, and nothing else waits. In a write with `pipelined=True` (`Database.write`) that
+    makes 4 round trips with the BEGIN, the locks and the COMMIT (docs/architecture.md)."""
     with sql.pipeline(conn):
         return _book(conn, request, manage_url_base, held, now, prepared)
 
