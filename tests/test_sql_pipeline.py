@@ -26,6 +26,12 @@ from tests.storage_fixtures import database  # noqa: F401 (fixture)
 from tests.test_appointments import _api_instant, booking_body, count_bookings
 from tests.test_availability import make_provider, next_monday
 
+# A calendar of alice's at path :p, written raw (a taken path fails on the unique index).
+_NEW_CALENDAR = (
+    "INSERT INTO collections (path, owner, parent_path, tag, incarnation, modified_at)"
+    " VALUES (:p, 'alice', 'alice', 'VCALENDAR', 'x', 0)"
+)
+
 
 def _make_calendar(conn: Connection, name: str) -> calendars.Collection:
     return calendars.create_collection(conn, f"alice/{name}", {"tag": "VCALENDAR"}, owner="alice")
@@ -78,10 +84,6 @@ def test_a_failing_pipelined_write_fails_the_block_and_leaves_nothing(
 ) -> None:
     with database.write(["alice"]) as conn:
         kept = _make_calendar(conn, "kept")
-    duplicate = (
-        "INSERT INTO collections (path, owner, parent_path, tag, incarnation, modified_at)"
-        " VALUES (:p, 'alice', 'alice', 'VCALENDAR', 'x', 0)"
-    )
     # The driver's own error (sqlite3 / psycopg): statements of `sql` bypass SQLAlchemy's wrapping.
     with (
         pytest.raises(Exception, match=r"(?i)unique|duplicate"),
@@ -89,9 +91,9 @@ def test_a_failing_pipelined_write_fails_the_block_and_leaves_nothing(
         sql.pipeline(conn),
     ):
         sql.execute(conn, "UPDATE collections SET revision = 99")
-        sql.execute(conn, duplicate, {"p": "alice/new"})
-        sql.execute(conn, duplicate, {"p": "alice/kept"})  # the unique path: fails
-        sql.execute(conn, duplicate, {"p": "alice/after"})
+        sql.execute(conn, _NEW_CALENDAR, {"p": "alice/new"})
+        sql.execute(conn, _NEW_CALENDAR, {"p": "alice/kept"})  # the unique path: fails
+        sql.execute(conn, _NEW_CALENDAR, {"p": "alice/after"})
     with database.read() as conn:
         assert [(c.path, c.revision) for c in calendars.child_collections(conn, "alice")] == [
             ("alice/kept", kept.revision)
@@ -195,17 +197,13 @@ def test_a_pipelined_write_that_fails_at_the_commit_leaves_nothing(
     statement was sent: the transaction still keeps nothing (SQLite: at once, as ever)."""
     with database.write(["alice"]) as conn:
         kept = _make_calendar(conn, "kept")
-    duplicate = (
-        "INSERT INTO collections (path, owner, parent_path, tag, incarnation, modified_at)"
-        " VALUES (:p, 'alice', 'alice', 'VCALENDAR', 'x', 0)"
-    )
     with (
         pytest.raises(Exception, match=r"(?i)unique|duplicate"),
         database.write(["alice"], pipelined=True) as conn,
     ):
         sql.execute(conn, "UPDATE collections SET revision = 99")
-        sql.execute(conn, duplicate, {"p": "alice/new"})
-        sql.execute(conn, duplicate, {"p": "alice/kept"})  # the unique path: fails
+        sql.execute(conn, _NEW_CALENDAR, {"p": "alice/new"})
+        sql.execute(conn, _NEW_CALENDAR, {"p": "alice/kept"})  # the unique path: fails
     with database.read() as conn:
         assert [(c.path, c.revision) for c in calendars.child_collections(conn, "alice")] == [
             ("alice/kept", kept.revision)
