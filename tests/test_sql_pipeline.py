@@ -7,7 +7,9 @@ out together, and a SQLAlchemy statement that lands inside a pipeline must still
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,30 @@ def _round_trips(trace: str) -> int:
     return sum(1 for sent, got in itertools.pairwise(directions) if (sent, got) == ("F", "B"))
 
 
+@contextlib.contextmanager
+def _traced(db: Database, folder: Path) -> Iterator[list[Path]]:
+    """libpq's protocol trace of every write transaction of `db` inside the block, a file each."""
+    traces: list[Path] = []
+
+    def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        traces.append(folder / f"trace-{len(traces)}.txt")
+        dbapi_connection._bookdav_trace = open(traces[-1], "w")  # noqa: SIM115 (closed at checkin)
+        dbapi_connection.pgconn.trace(dbapi_connection._bookdav_trace.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    def _untrace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.pgconn.untrace()
+        dbapi_connection._bookdav_trace.close()
+
+    event.listen(db._write_engine, "checkout", _trace)
+    event.listen(db._write_engine, "checkin", _untrace)
+    try:
+        yield traces
+    finally:
+        event.remove(db._write_engine, "checkout", _trace)
+        event.remove(db._write_engine, "checkin", _untrace)
+
+
 def test_a_pipelined_booking_takes_four_round_trips_on_postgresql(
     pg_server: RunningServer, tmp_path: Path
 ) -> None:
@@ -155,25 +181,12 @@ def test_a_pipelined_booking_takes_four_round_trips_on_postgresql(
     provider = make_provider(pg_server)
     client = booking.Client("Ann Example", "ann@example.org", "UTC")
     db = Database(pg_server.database_url)
-    traces: list[Path] = []
-
-    @event.listens_for(db._write_engine, "checkout")
-    def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        traces.append(tmp_path / f"trace-{len(traces)}.txt")
-        dbapi_connection._bookdav_trace = open(traces[-1], "w")  # noqa: SIM115 (closed at checkin)
-        dbapi_connection.pgconn.trace(dbapi_connection._bookdav_trace.fileno())
-        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-
-    @event.listens_for(db._write_engine, "checkin")
-    def _untrace(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.pgconn.untrace()
-        dbapi_connection._bookdav_trace.close()
 
     def book(hour: int, held: list[str]) -> str:
         """Book at `hour` holding `held`; the protocol trace of that transaction."""
         start = int(datetime.fromisoformat(_api_instant(next_monday(8), hour)).timestamp())
         wanted = booking.BookingRequest(provider.service_id, provider.user_id, start, client)
-        with db.write(held, pipelined=True) as conn:
+        with _traced(db, tmp_path) as traces, db.write(held, pipelined=True) as conn:
             booking.book(conn, wanted, "http://bookdav.test", held)
         return traces[-1].read_text()
 
@@ -188,6 +201,28 @@ def test_a_pipelined_booking_takes_four_round_trips_on_postgresql(
     finally:
         db.close()
     assert count_bookings(provider) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("principals", "expected"),
+    [
+        ([], 3),  # BEGIN; the statement; COMMIT
+        (["alice"], 4),  # BEGIN; the lock; the statement; COMMIT
+        (["alice", "bob", "carol"], 4),  # the three locks in one round trip
+    ],
+)
+def test_a_plain_write_waits_once_for_its_locks_and_never_for_an_empty_pipeline(
+    pg_server: RunningServer, tmp_path: Path, principals: list[str], expected: int
+) -> None:
+    """Most writes (outbox claims, sync runs, sessions) name no principal: psycopg syncs on
+    entering and on leaving even an empty pipeline block, which once cost them a round trip."""
+    db = Database(pg_server.database_url)
+    try:
+        with _traced(db, tmp_path) as traces, db.write(principals) as conn:
+            assert sql.ask(conn, "SELECT 1")() == [(1,)]
+        assert _round_trips(traces[-1].read_text()) == expected
+    finally:
+        db.close()
 
 
 def test_a_pipelined_write_that_fails_at_the_commit_leaves_nothing(

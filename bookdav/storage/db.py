@@ -132,8 +132,14 @@ class Database:
             if self.is_sqlite:
                 yield conn
                 return
+            keys = sorted({principal_lock_key(p) for p in principals})
+            if not keys and not pipelined:
+                # No pipeline block at all: psycopg syncs on entering and leaving even an empty
+                # one, a round trip for nothing in every write that locks no principal.
+                yield conn
+                return
             with sql.pipeline(conn):  # the locks: one round trip (after psycopg's BEGIN)
-                for key in sorted({principal_lock_key(p) for p in principals}):
+                for key in keys:
                     sql.execute(conn, "SELECT pg_advisory_xact_lock(:key)", {"key": key})
                 if pipelined:
                     yield conn
