@@ -14,7 +14,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from bookdav.booking.appointments import confirmation_code
+from bookdav.booking.appointments import confirmation_code, new_appointment_id
 from bookdav.storage.db import database_for
 from bookdav.storage.schema import appointments, collections, items, outbox
 from tests.conftest import RunningServer
@@ -80,6 +80,7 @@ def test_a_guest_books_a_free_slot_and_it_is_a_real_calendar_event(provider: Pro
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["status"] == "confirmed"
+    assert uuid.UUID(body["appointmentId"]).version == 7
     assert body["startTime"].endswith("-04:00") or body["startTime"].endswith("-05:00")
     assert body["client"]["timezone"] == "America/New_York"
     assert body["manageUrl"].startswith(provider.server.base_url + "/manage/")
@@ -533,3 +534,16 @@ def test_confirmation_codes_do_not_clash_in_a_busy_database() -> None:
     codes = {confirmation_code() for _ in range(100_000)}
     assert len(codes) == 100_000
     assert all(len(code) == 14 and code.count("-") == 2 for code in codes)
+
+
+def test_appointment_ids_are_version_7_uuids_in_the_order_they_were_made() -> None:
+    """The id keys several unique indexes (the appointment, its event's href and UID, its
+    reminders): ids that start with the time append there instead of landing on random pages."""
+    made = [new_appointment_id(now_ms) for now_ms in (1_700_000_000_000, 1_700_000_000_001)]
+    made += [new_appointment_id(1_800_000_000_000 + n) for n in range(1_000)]
+    assert made == sorted(made)
+    parsed = [uuid.UUID(text) for text in made]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    assert parsed[0].int >> 80 == 1_700_000_000_000  # the first 48 bits: Unix time in ms
+    same_millisecond = {new_appointment_id(1_700_000_000_000) for _ in range(100_000)}
+    assert len(same_millisecond) == 100_000  # 74 random bits apart
