@@ -4,13 +4,15 @@ fails alone, and no caller hears of success before the COMMIT."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, text
 
-from bookdav.storage.db import Database
+from bookdav.storage.db import Database, WalCheckpointer
 
 
 @pytest.fixture
@@ -92,3 +94,40 @@ async def test_a_unit_whose_caller_gave_up_before_it_ran_is_not_run(database: Da
     assert await units[200] == 2000 and await units[202] == 2020
     assert units[201].cancelled()
     assert stored(database) >= {200, 202} and 201 not in stored(database)
+
+
+def _in_the_file_itself(path: Path) -> set[int]:
+    """The marks the database file holds without its write-ahead log (`immutable=1` reads the
+    file alone): what a checkpoint has copied there."""
+    probe = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return {n for (n,) in probe.execute("SELECT n FROM marks")}
+    except sqlite3.DatabaseError:  # caught in the middle of a copy: look again
+        return set()
+    finally:
+        probe.close()
+
+
+def test_commits_reach_the_database_file_without_a_writer_copying_them(tmp_path: Path) -> None:
+    """The committing writer no longer checkpoints (copy and fsync under the write lock) until
+    the log passes the backstop; the checkpoint thread copies a few commits within moments."""
+    path = tmp_path / "checkpointed.sqlite3"
+    database = Database(f"sqlite:///{path}")
+    try:
+        with database.write() as conn:
+            conn.execute(text("CREATE TABLE marks (n INTEGER PRIMARY KEY)"))
+        for n in range(5):
+            with database.write() as conn:
+                conn.execute(text("INSERT INTO marks (n) VALUES (:n)"), {"n": n})
+        with database.write() as conn:
+            pages = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+        assert pages == WalCheckpointer.WRITER_BACKSTOP_PAGES
+        deadline = time.monotonic() + 10
+        while _in_the_file_itself(path) != set(range(5)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _in_the_file_itself(path) == set(range(5))
+        thread = database._checkpointer._thread if database._checkpointer else None
+        assert thread is not None and thread.is_alive()
+    finally:
+        database.close()
+    assert not thread.is_alive()  # close() stops it

@@ -18,25 +18,30 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeGuard, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
+from bookdav.logs import log_event
 from bookdav.storage import sql
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+log = logging.getLogger("bookdav.storage")
 
 
 class DatabaseUnavailable(Exception):
@@ -66,8 +71,19 @@ class Database:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        # A file database's WAL is copied into the file by a thread of its own, off the write lock.
+        self._checkpointer = (
+            WalCheckpointer(parsed.database)
+            if self.is_sqlite and _is_plain_path(parsed.database)
+            else None
+        )
         if self.is_sqlite:
-            self._write_engine = self._sqlite_engine(begin="BEGIN IMMEDIATE")
+            self._write_engine = self._sqlite_engine(
+                begin="BEGIN IMMEDIATE",
+                autocheckpoint=WalCheckpointer.WRITER_BACKSTOP_PAGES
+                if self._checkpointer
+                else None,
+            )
             self._read_engine = self._sqlite_engine(begin="BEGIN")
         else:
             engine = create_engine(self.url, pool_size=24, max_overflow=16, pool_timeout=60)
@@ -88,7 +104,7 @@ class Database:
             8 if self.is_sqlite else 16, thread_name_prefix="db-read"
         )
 
-    def _sqlite_engine(self, *, begin: str) -> Engine:
+    def _sqlite_engine(self, *, begin: str, autocheckpoint: int | None = None) -> Engine:
         engine = create_engine(
             self.url,
             poolclass=QueuePool,
@@ -106,6 +122,8 @@ class Database:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            if autocheckpoint is not None:
+                cursor.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -128,10 +146,13 @@ class Database:
         out with the unit's first read and the COMMIT with its last writes, instead of a round
         trip each. Only for units written for it: a statement of `sql` there raises its error
         at the next read, `sql.sync` or the commit, and its `rowcount` is not known before."""
-        with self._sqlite_writer_mutex, self._write_engine.begin() as conn:
-            if self.is_sqlite:
+        if self.is_sqlite:
+            with self._sqlite_writer_mutex, self._write_engine.begin() as conn:
                 yield conn
-                return
+            if self._checkpointer is not None:
+                self._checkpointer.poke()
+            return
+        with self._write_engine.begin() as conn:
             keys = sorted({principal_lock_key(p) for p in principals})
             if not keys and not pipelined:
                 # No pipeline block at all: psycopg syncs on entering and leaving even an empty
@@ -197,6 +218,8 @@ class Database:
     def close(self) -> None:
         if self._group_writer is not None:
             self._group_writer.stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
         if isinstance(self._sqlite_writer_mutex, SqliteWriteLock):
@@ -245,6 +268,78 @@ def _sync_pipeline_before_reading(engine: Engine) -> None:
             pipeline.sync()
 
 
+def _is_plain_path(database: str | None) -> TypeGuard[str]:
+    """A database file named by its path (not in memory, not a `file:` URI)."""
+    return database not in (None, "", ":memory:") and not str(database).startswith("file:")
+
+
+class WalCheckpointer:
+    """Copies what writers committed to SQLite's write-ahead log into the database file, on a
+    thread of its own, so that no writer does it while holding the write lock.
+
+    SQLite's default has the committing connection checkpoint once the log passes 1,000 pages:
+    copy them into the file and fsync both files, inside its COMMIT, so inside our write lock.
+    A booking storm writes 40-60 KiB of log a booking, so that was every 70-100 bookings, and
+    every writer of every process waited for the copy and the two fsyncs. Here each write pokes
+    this thread, which waits `DELAY` for more commits to gather, then runs a PASSIVE checkpoint
+    (which never waits for readers or writers) from its own connection.
+
+    A passive checkpoint leaves the log's newest pages if commits keep coming, and the log only
+    starts again from its beginning once everything in it was copied. So writers still
+    checkpoint, as a backstop, past `WRITER_BACKSTOP_PAGES` (about 40 MB): by then nearly all of
+    it is copied, and that checkpoint finishes the little left. Durability is unchanged:
+    `synchronous=NORMAL`, with the fsyncs where SQLite puts them."""
+
+    DELAY = 0.05
+    WRITER_BACKSTOP_PAGES = 10_000
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def poke(self) -> None:
+        """Something was committed: checkpoint soon (the thread starts with the first write)."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None and not self._stopping:
+                    self._thread = threading.Thread(
+                        target=self._run, name="db-checkpoint", daemon=True
+                    )
+                    self._thread.start()
+        self._wanted.set()
+
+    def stop(self) -> None:
+        with self._start_lock:
+            self._stopping = True
+            thread = self._thread
+        self._wanted.set()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                self._wanted.wait()
+                if self._stopping:
+                    return
+                time.sleep(self.DELAY)  # let the commits of a burst gather
+                self._wanted.clear()  # a commit from here on asks for the next round
+                if self._stopping:
+                    return
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or failing: the writers' backstop remains
+                    log_event(
+                        log, "WAL checkpoint failed", logging.WARNING, reason=_first_line(exc)
+                    )
+        finally:
+            connection.close()
+
+
 class SqliteWriteLock:
     """One SQLite writer at a time, across the threads of this process and across processes.
 
@@ -259,13 +354,7 @@ class SqliteWriteLock:
 
     def __init__(self, database_path: str | None) -> None:
         self._mutex = threading.Lock()
-        self._path = (
-            f"{database_path}-writelock"
-            if database_path
-            and database_path != ":memory:"
-            and not database_path.startswith("file:")
-            else None
-        )
+        self._path = f"{database_path}-writelock" if _is_plain_path(database_path) else None
         self._fd: int | None = None
 
     def __enter__(self) -> None:
