@@ -173,7 +173,9 @@ async def create_appointment(request: web.Request) -> web.Response:
 
     def unit_of_work(
         conn: Connection, principals: Sequence[str], prepared: booking.Prepared | None
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str | Appointment]:
+        """The answer's JSON, or (without a key, nothing to store) the appointment to build it
+        from once the write lock is given back."""
         if key is not None:
             stored = store.stored_response(conn, scope)
             if stored is not None:
@@ -181,17 +183,18 @@ async def create_appointment(request: web.Request) -> web.Response:
                     raise PolicyViolation("this Idempotency-Key was used for another request")
                 return stored[1], stored[2]
         booked = booking.book(conn, booking_request, base_url, principals, prepared=prepared)
+        if key is None:
+            return 201, booked.appointment
         answer = json.dumps(appointment_json(booked.appointment, base_url))
-        if key is not None:
-            sql.sync(conn)  # the booking's own errors first: a clash below is the key's
-            try:
-                store.store_response(conn, scope, fingerprint, 201, answer)
-            except IntegrityError as exc:
-                # The same key, at the same moment, for another provider: only one may win.
-                raise Conflict("this Idempotency-Key is being used by another request") from exc
+        sql.sync(conn)  # the booking's own errors first: a clash below is the key's
+        try:
+            store.store_response(conn, scope, fingerprint, 201, answer)
+        except IntegrityError as exc:
+            # The same key, at the same moment, for another provider: only one may win.
+            raise Conflict("this Idempotency-Key is being used by another request") from exc
         return 201, answer
 
-    status, answer = await write_booking(
+    status, outcome = await write_booking(
         request,
         booking_request,
         unit_of_work,
@@ -199,7 +202,10 @@ async def create_appointment(request: web.Request) -> web.Response:
         shortcut=key is None,  # a keyed retry may be owed its stored 201: no shortcut
         learned=lambda needed: cache.learn((provider_id, service_id), needed),
     )
-    appointment_id = json.loads(answer)["appointmentId"]
+    if isinstance(outcome, Appointment):
+        answer, appointment_id = json.dumps(appointment_json(outcome, base_url)), outcome.id
+    else:  # the JSON stored with the key (a replay) or just stored
+        answer, appointment_id = outcome, json.loads(outcome)["appointmentId"]
     return web.Response(
         status=status,
         text=answer,
