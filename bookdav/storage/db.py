@@ -263,14 +263,14 @@ def _sync_pipeline_before_reading(engine: Engine) -> None:
 
     @event.listens_for(engine, "after_cursor_execute")
     def _after(*args: Any) -> None:
-        pipeline = getattr(args[1].connection, "_pipeline", None)  # psycopg's, while one is open
+        pipeline = sql.open_pipeline(args[1].connection)
         if pipeline is not None:
             pipeline.sync()
 
 
 def _is_plain_path(database: str | None) -> TypeGuard[str]:
     """A database file named by its path (not in memory, not a `file:` URI)."""
-    return database not in (None, "", ":memory:") and not str(database).startswith("file:")
+    return database not in (None, "", ":memory:") and not database.startswith("file:")
 
 
 class WalCheckpointer:

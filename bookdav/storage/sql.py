@@ -88,17 +88,23 @@ def pipeline(conn: Connection) -> Iterator[None]:
         yield
         return
     driver = conn.connection.driver_connection
-    if getattr(driver, "_pipeline", None) is not None:
+    if open_pipeline(driver) is not None:
         yield
         return
     with driver.pipeline():  # type: ignore[union-attr]
         yield
 
 
+def open_pipeline(driver_connection: Any) -> Any | None:
+    """psycopg's pipeline open on this DBAPI connection, or None (none open, or sqlite3). It is
+    psycopg's private attribute, so it is read here and nowhere else."""
+    return getattr(driver_connection, "_pipeline", None)
+
+
 def sync(conn: Connection) -> None:
     """Wait for every statement sent so far in the open pipeline, raising the first error
     where it is called (nothing to wait for outside a pipeline, or on SQLite)."""
-    pipeline = getattr(conn.connection.driver_connection, "_pipeline", None)
+    pipeline = open_pipeline(conn.connection.driver_connection)
     if pipeline is not None:
         pipeline.sync()
 
